@@ -20,7 +20,7 @@ use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use store::{DeviceKey, Report, Store, UpsertOutcome};
+use store::{Batch, DeviceKey, Store, UpsertOutcome};
 
 pub use geo::{haversine_m, EARTH_RADIUS_M};
 
@@ -170,18 +170,10 @@ impl LocationIndex {
             v <= latest
         })?;
 
-        let gateway = |i: usize| if gateways.len() == 1 { gateways[0] } else { gateways[i] };
-        let reports: Vec<Report> = (0..n)
-            .map(|i| Report {
-                key: DeviceKey { gateway: gateway(i), id: ids[i] },
-                lat: lat[i],
-                lng: lng[i],
-                seen: seen[i].floor() as u32,
-            })
-            .collect();
+        let batch = Batch { ids, gateways, lat, lng, seen };
         let storage = self.store.read().storage_resolution();
-        let prepared = Store::prepare(storage, &reports);
-        Ok(self.store.write().apply(&reports, &prepared))
+        let prepared = Store::prepare(storage, &batch);
+        Ok(self.store.write().apply(&batch, &prepared))
     }
 
     /// Forgets devices now. Without `gateways`, an id is forgotten on every gateway

@@ -35,14 +35,39 @@ pub struct DeviceKey {
     pub id: u64,
 }
 
-/// One location report, already checked.
+/// A batch of checked location reports, as columns of equal length.
 #[derive(Clone, Copy, Debug)]
-pub struct Report {
-    pub key: DeviceKey,
-    pub lat: f64,
-    pub lng: f64,
-    /// Unix time in whole seconds, at least 1.
-    pub seen: u32,
+pub struct Batch<'a> {
+    pub ids: &'a [u64],
+    /// One gateway per report, or a single one for all.
+    pub gateways: &'a [u16],
+    /// Degrees.
+    pub lat: &'a [f64],
+    /// Degrees.
+    pub lng: &'a [f64],
+    /// Unix seconds, from 1 to 2^32 - 1; kept to the whole second.
+    pub seen: &'a [f64],
+}
+
+impl Batch<'_> {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    #[inline]
+    pub fn key(&self, i: usize) -> DeviceKey {
+        let gateway = if self.gateways.len() == 1 { self.gateways[0] } else { self.gateways[i] };
+        DeviceKey { gateway, id: self.ids[i] }
+    }
+
+    #[inline]
+    pub fn seen(&self, i: usize) -> u32 {
+        self.seen[i].floor() as u32
+    }
 }
 
 /// What a batch of reports did.
@@ -92,6 +117,12 @@ impl Slab {
         DeviceKey { gateway: self.gateways[slot as usize], id: self.ids[slot as usize] }
     }
 
+    /// Whether a slot holds `key`; reads the gateway column only when the id matches.
+    #[inline]
+    fn has_key(&self, slot: u32, key: DeviceKey) -> bool {
+        self.ids[slot as usize] == key.id && self.gateways[slot as usize] == key.gateway
+    }
+
     fn push(&mut self, key: DeviceKey, position: FixedVec, seen: u32) {
         self.ids.push(key.id);
         self.gateways.push(key.gateway);
@@ -122,14 +153,25 @@ impl Slab {
 /// Hash of the key, storage cell, and position of one report.
 pub type Prepared = (u64, u64, FixedVec);
 
-/// What one report does to the store, decided before anything changes.
-#[derive(Clone, Copy)]
-enum Action {
-    Stale,
-    InPlace(u32),
-    Move(u32),
-    New,
+/// Spacing of the fences over the directory.
+const FENCE: usize = 64;
+
+/// `values.partition_point(pred)` for ascending `values`, searching `fences` (every
+/// [`FENCE`]-th value) first.
+#[inline]
+fn fenced_partition<T>(values: &[T], fences: &[T], pred: impl Fn(&T) -> bool) -> usize {
+    let block = fences.partition_point(&pred);
+    if block == 0 {
+        return 0;
+    }
+    // values[(block - 1) * FENCE] satisfies pred; the boundary is in the next FENCE.
+    let start = (block - 1) * FENCE;
+    let end = (start + FENCE + 1).min(values.len());
+    start + values[start..end].partition_point(pred)
 }
+
+/// Marks a report whose device is not in the key table.
+const NO_SLOT: u32 = u32::MAX;
 
 /// Live device positions filed by H3 cell, answering radius queries exactly.
 pub struct Store {
@@ -142,6 +184,10 @@ pub struct Store {
     /// `dir_start[i]..dir_start[i + 1]` are the slots of `dir_cells[i]`; one entry more
     /// than `dir_cells`, the last one `sorted_len`.
     dir_start: Vec<u32>,
+    /// Every [`FENCE`]-th entry of `dir_cells` and `dir_start`: a small copy that stays in
+    /// cache and narrows each binary search to one block.
+    cell_fences: Vec<u64>,
+    start_fences: Vec<u32>,
     /// Storage cell of each appended slot (`slot - sorted_len`).
     tail_cells: Vec<u64>,
     /// Appended slots by storage cell.
@@ -166,6 +212,8 @@ impl Store {
             sorted_len: 0,
             dir_cells: Vec::new(),
             dir_start: vec![0],
+            cell_fences: Vec::new(),
+            start_fences: vec![0],
             tail_cells: Vec::new(),
             tail_by_cell: BTreeMap::new(),
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
@@ -204,7 +252,7 @@ impl Store {
 
     fn find(&self, hash: u64, key: DeviceKey) -> Option<u32> {
         let slab = &self.slab;
-        self.shards[shard_of(hash)].find(hash, |&slot| slab.key(slot) == key).copied()
+        self.shards[shard_of(hash)].find(hash, |&slot| slab.has_key(slot, key)).copied()
     }
 
     /// Storage cell a slot is filed under.
@@ -212,7 +260,7 @@ impl Store {
         let slot = slot as usize;
         if slot < self.sorted_len {
             // dir_start is ascending; the cell is the last one starting at or before.
-            let i = self.dir_start.partition_point(|&start| start as usize <= slot) - 1;
+            let i = fenced_partition(&self.dir_start, &self.start_fences, |&s| s as usize <= slot) - 1;
             self.dir_cells[i]
         } else {
             self.tail_cells[slot - self.sorted_len]
@@ -221,15 +269,32 @@ impl Store {
 
     /// Hash, storage cell and fixed-point position of each report: the costly part of
     /// applying a batch, which needs no access to the store.
-    pub fn prepare(storage: Resolution, reports: &[Report]) -> Vec<Prepared> {
-        let prepare = |r: &Report| {
-            let ll = LatLng::new(r.lat, r.lng).expect("reports are checked");
-            (hash_key(r.key), u64::from(ll.to_cell(storage)), fixed_vector(r.lat, r.lng))
+    pub fn prepare(storage: Resolution, batch: &Batch<'_>) -> Vec<Prepared> {
+        let prepare = |i: usize| {
+            let (lat, lng) = (batch.lat[i], batch.lng[i]);
+            let ll = LatLng::new(lat, lng).expect("reports are checked");
+            (hash_key(batch.key(i)), u64::from(ll.to_cell(storage)), fixed_vector(lat, lng))
         };
-        if reports.len() > PARALLEL_ABOVE {
-            reports.par_iter().map(prepare).collect()
+        if batch.len() > PARALLEL_ABOVE {
+            (0..batch.len()).into_par_iter().map(prepare).collect()
         } else {
-            reports.iter().map(prepare).collect()
+            (0..batch.len()).map(prepare).collect()
+        }
+    }
+
+    /// Where each report's device is now: its slot, and whether the report keeps it in
+    /// the same storage cell.
+    fn locate(&self, batch: &Batch<'_>, prepared: &[Prepared]) -> Vec<(u32, bool)> {
+        let locate = |(i, &(hash, cell, _)): (usize, &Prepared)| match self.find(hash, batch.key(i)) {
+            None => (NO_SLOT, false),
+            Some(slot) => (slot, self.cell_of(slot) == cell),
+        };
+        if self.stored == 0 {
+            vec![(NO_SLOT, false); batch.len()]
+        } else if batch.len() > PARALLEL_ABOVE {
+            prepared.par_iter().enumerate().map(locate).collect()
+        } else {
+            prepared.iter().enumerate().map(locate).collect()
         }
     }
 
@@ -237,150 +302,125 @@ impl Store {
     /// resolution. A report older than the stored position of its device is ignored;
     /// within the batch the newest report of a device wins (the later one on equal
     /// times).
-    pub fn apply(&mut self, reports: &[Report], prepared: &[Prepared]) -> UpsertOutcome {
-        assert_eq!(reports.len(), prepared.len());
-        for r in reports {
-            self.gateway_used[usize::from(r.key.gateway)] = true;
-        }
-
-        // Reports by shard, newest per device, in the order they are applied.
-        let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
-        for (i, &(hash, _, _)) in prepared.iter().enumerate() {
-            by_shard[shard_of(hash)].push(i as u32);
-        }
-        let mut outcome = UpsertOutcome::default();
-        let dedup = |list: &mut Vec<u32>| -> usize {
-            list.sort_unstable_by_key(|&i| (prepared[i as usize].0, i));
-            let before = list.len();
-            let mut kept: Vec<u32> = Vec::with_capacity(before);
-            for &i in list.iter() {
-                let r = &reports[i as usize];
-                // Equal keys have equal hashes, so they are neighbours after the sort
-                // unless another key shares the hash; look back over the run.
-                let hash = prepared[i as usize].0;
-                let mut replaced = false;
-                for k in kept.iter_mut().rev() {
-                    if prepared[*k as usize].0 != hash {
-                        break;
-                    }
-                    if reports[*k as usize].key == r.key {
-                        if r.seen >= reports[*k as usize].seen {
-                            *k = i;
-                        }
-                        replaced = true;
-                        break;
-                    }
-                }
-                if !replaced {
-                    kept.push(i);
-                }
-            }
-            *list = kept;
-            before - list.len()
-        };
-        outcome.stale += by_shard.par_iter_mut().map(dedup).sum::<usize>();
-
-        // Decide what each report does while the store is unchanged.
-        let decide = |list: &Vec<u32>| -> Vec<Action> {
-            list.iter()
-                .map(|&i| {
-                    let (hash, cell, _) = prepared[i as usize];
-                    let r = &reports[i as usize];
-                    match self.find(hash, r.key) {
-                        None => Action::New,
-                        Some(slot) if r.seen < self.slab.seen[slot as usize] => Action::Stale,
-                        Some(slot) if self.cell_of(slot) == cell => Action::InPlace(slot),
-                        Some(slot) => Action::Move(slot),
-                    }
-                })
-                .collect()
-        };
-        let actions: Vec<Vec<Action>> = if reports.len() > PARALLEL_ABOVE {
-            by_shard.par_iter().map(decide).collect()
+    pub fn apply(&mut self, batch: &Batch<'_>, prepared: &[Prepared]) -> UpsertOutcome {
+        assert_eq!(batch.len(), prepared.len());
+        if batch.gateways.len() == 1 {
+            self.gateway_used[usize::from(batch.gateways[0])] = true;
         } else {
-            by_shard.iter().map(decide).collect()
-        };
+            batch.gateways.iter().for_each(|&g| self.gateway_used[usize::from(g)] = true);
+        }
+        let located = self.locate(batch, prepared);
 
-        // Write the slab: in-place rewrites, dead slots, and appended slots.
-        let mut new_slots: Vec<Vec<(u32, u32)>> = vec![Vec::new(); SHARDS];
-        for (shard, (list, acts)) in by_shard.iter().zip(&actions).enumerate() {
-            for (&i, action) in list.iter().zip(acts) {
-                let r = &reports[i as usize];
-                let (_, cell, position) = prepared[i as usize];
-                match *action {
-                    Action::Stale => outcome.stale += 1,
-                    Action::InPlace(slot) => {
-                        self.slab.positions[slot as usize] = position;
-                        self.slab.seen[slot as usize] = r.seen;
-                        outcome.updated += 1;
+        // Write the slab in report order. A device found in the key table is rewritten
+        // in place, or moved to a new slot when it changes cell; unknown devices get a
+        // new slot. The key table itself is updated afterwards, shard by shard, so a
+        // device reported twice in the batch is followed through `moved`.
+        let mut outcome = UpsertOutcome::default();
+        let first_new = self.slab.len() as u32;
+        let mut moved: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
+        let mut fresh: Vec<Vec<(u64, u32)>> = vec![Vec::new(); SHARDS];
+        for (i, (&(hash, cell, position), &(found, same_cell))) in
+            prepared.iter().zip(&located).enumerate()
+        {
+            let seen = batch.seen(i);
+            self.oldest_seen = self.oldest_seen.min(seen);
+            let mut slot = found;
+            let mut same_cell = same_cell;
+            if slot != NO_SLOT && self.slab.seen[slot as usize] == 0 {
+                // Moved earlier in this batch: follow it to its latest slot.
+                slot = moved[&slot];
+                same_cell = self.cell_of(slot) == cell;
+            }
+            if slot == NO_SLOT {
+                outcome.added += 1;
+                let new = self.append(batch.key(i), position, seen, cell);
+                fresh[shard_of(hash)].push((hash, new));
+            } else if seen < self.slab.seen[slot as usize] {
+                outcome.stale += 1;
+            } else if same_cell {
+                outcome.updated += 1;
+                self.slab.positions[slot as usize] = position;
+                self.slab.seen[slot as usize] = seen;
+            } else {
+                outcome.updated += 1;
+                self.slab.seen[slot as usize] = 0;
+                self.dead += 1;
+                let new = self.append(batch.key(i), position, seen, cell);
+                moved.insert(found, new);
+                if slot != found {
+                    moved.insert(slot, new);
+                }
+            }
+        }
+
+        // Moves: point the key table at the latest slot of each moved device.
+        for (&old, &new) in &moved {
+            if old >= first_new {
+                continue; // a slot appended and left again within this batch
+            }
+            let hash = hash_key(self.slab.key(new));
+            let table = &mut self.shards[shard_of(hash)];
+            *table.find_mut(hash, |&s| s == old).expect("a moved device is in the table") = new;
+        }
+
+        // New devices, shard by shard. A device new to the index reported twice in the
+        // batch got two slots: the older report's slot dies.
+        let slab = &self.slab;
+        let insert = |(table, fresh): (&mut HashTable<u32>, &Vec<(u64, u32)>)| {
+            let rehash = |&s: &u32| hash_key(slab.key(s));
+            table.reserve(fresh.len(), rehash);
+            let mut losers = Vec::new();
+            for &(hash, slot) in fresh {
+                let key = slab.key(slot);
+                match table.entry(hash, |&s| slab.key(s) == key, rehash) {
+                    hashbrown::hash_table::Entry::Vacant(entry) => {
+                        entry.insert(slot);
                     }
-                    Action::Move(_) | Action::New => {
-                        if let Action::Move(old) = *action {
-                            self.slab.seen[old as usize] = 0;
-                            self.dead += 1;
-                            outcome.updated += 1;
+                    hashbrown::hash_table::Entry::Occupied(mut entry) => {
+                        let held = *entry.get();
+                        if slab.seen[slot as usize] >= slab.seen[held as usize] {
+                            *entry.get_mut() = slot;
+                            losers.push(held);
                         } else {
-                            outcome.added += 1;
+                            losers.push(slot);
                         }
-                        let slot = self.slab.len() as u32;
-                        self.slab.push(r.key, position, r.seen);
-                        self.tail_cells.push(cell);
-                        new_slots[shard].push((i, slot));
                     }
                 }
-                self.oldest_seen = self.oldest_seen.min(r.seen);
             }
+            losers
+        };
+        let losers: Vec<Vec<u32>> = if batch.len() > PARALLEL_ABOVE {
+            self.shards.par_iter_mut().zip(fresh.par_iter()).map(insert).collect()
+        } else {
+            self.shards.iter_mut().zip(&fresh).map(insert).collect()
+        };
+        for slot in losers.into_iter().flatten() {
+            self.slab.seen[slot as usize] = 0;
+            self.dead += 1;
+            outcome.added -= 1;
+            outcome.stale += 1;
         }
         self.stored += outcome.added;
 
-        // Point the key table at the appended slots, shard by shard.
-        let slab = &self.slab;
-        let relink = |(table, ((list, acts), fresh)): (
-            &mut HashTable<u32>,
-            ((&Vec<u32>, &Vec<Action>), &Vec<(u32, u32)>),
-        )| {
-            let rehash = |&s: &u32| hash_key(slab.key(s));
-            let added = acts.iter().filter(|a| matches!(a, Action::New)).count();
-            table.reserve(added, rehash);
-            let mut fresh = fresh.iter();
-            for (&i, action) in list.iter().zip(acts) {
-                let hash = prepared[i as usize].0;
-                match *action {
-                    Action::Move(old) => {
-                        let &(_, slot) = fresh.next().expect("one new slot per move");
-                        let entry = table.find_mut(hash, |&s| s == old).expect("moved device");
-                        *entry = slot;
-                    }
-                    Action::New => {
-                        let &(_, slot) = fresh.next().expect("one new slot per new device");
-                        table.insert_unique(hash, slot, rehash);
-                    }
-                    Action::Stale | Action::InPlace(_) => {}
-                }
-            }
-        };
-        if reports.len() > PARALLEL_ABOVE {
-            let work = by_shard.par_iter().zip(actions.par_iter()).zip(new_slots.par_iter());
-            self.shards.par_iter_mut().zip(work).for_each(relink);
-        } else {
-            let work = by_shard.iter().zip(&actions).zip(&new_slots);
-            self.shards.iter_mut().zip(work).for_each(relink);
-        }
-
         // Index the tail by cell, or fold it into the prefix when it has grown.
-        let tail = self.tail_len();
-        if tail + self.dead > (self.sorted_len / 8).max(65_536) {
+        if self.tail_len() + self.dead > (self.sorted_len / 8).max(65_536) {
             self.compact();
         } else {
-            let start = self.sorted_len;
-            for list in &new_slots {
-                for &(_, slot) in list {
-                    let cell = self.tail_cells[slot as usize - start];
+            for slot in first_new..self.slab.len() as u32 {
+                if self.slab.seen[slot as usize] != 0 {
+                    let cell = self.tail_cells[slot as usize - self.sorted_len];
                     self.tail_by_cell.entry(cell).or_default().push(slot);
                 }
             }
         }
         outcome
+    }
+
+    fn append(&mut self, key: DeviceKey, position: FixedVec, seen: u32, cell: u64) -> u32 {
+        let slot = self.slab.len() as u32;
+        self.slab.push(key, position, seen);
+        self.tail_cells.push(cell);
+        slot
     }
 
     /// Forgets devices now. Returns how many were held.
@@ -519,6 +559,8 @@ impl Store {
         self.sorted_len = order.len();
         dir_cells.shrink_to_fit();
         dir_start.shrink_to_fit();
+        self.cell_fences = dir_cells.iter().step_by(FENCE).copied().collect();
+        self.start_fences = dir_start.iter().step_by(FENCE).copied().collect();
         self.dir_cells = dir_cells;
         self.dir_start = dir_start;
         self.tail_cells = Vec::new();
@@ -528,8 +570,8 @@ impl Store {
 
     /// Slots of the sorted prefix filed in storage cells `[first, last]`.
     fn prefix_slots(&self, first: u64, last: u64) -> std::ops::Range<usize> {
-        let a = self.dir_cells.partition_point(|&c| c < first);
-        let b = a + self.dir_cells[a..].partition_point(|&c| c <= last);
+        let a = fenced_partition(&self.dir_cells, &self.cell_fences, |&c| c < first);
+        let b = fenced_partition(&self.dir_cells, &self.cell_fences, |&c| c <= last);
         self.dir_start[a] as usize..self.dir_start[b] as usize
     }
 
