@@ -121,7 +121,8 @@ mod tests {
                 for _ in 0..200 {
                     let spread = 10f64.powf(rng.random_range(-5.0..1.0));
                     let lat = (ll.lat() + rng.random_range(-spread..spread)).clamp(-90.0, 90.0);
-                    let lng = (ll.lng() + rng.random_range(-spread..spread) + 540.0) % 360.0 - 180.0;
+                    let lng =
+                        (ll.lng() + rng.random_range(-spread..spread) + 540.0) % 360.0 - 180.0;
                     points.push((lat, lng));
                 }
             }

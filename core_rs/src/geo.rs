@@ -29,11 +29,7 @@ pub fn unit_vector(lat_deg: f64, lng_deg: f64) -> [f64; 3] {
 pub fn fixed_vector(lat_deg: f64, lng_deg: f64) -> FixedVec {
     let v = unit_vector(lat_deg, lng_deg);
     // |component| <= 1, so the rounded value fits in i32 with a bit to spare.
-    [
-        (v[0] * UNIT).round() as i32,
-        (v[1] * UNIT).round() as i32,
-        (v[2] * UNIT).round() as i32,
-    ]
+    [(v[0] * UNIT).round() as i32, (v[1] * UNIT).round() as i32, (v[2] * UNIT).round() as i32]
 }
 
 /// Latitude and longitude in degrees of a fixed-point unit vector (within 1 cm).
@@ -53,11 +49,7 @@ pub fn angle_of_metres(metres: f64) -> f64 {
 /// Angle in radians between two unit vectors (numerically stable at 0 and at pi).
 #[inline]
 pub fn angle_between(a: &[f64; 3], b: &[f64; 3]) -> f64 {
-    let cross = [
-        a[1] * b[2] - a[2] * b[1],
-        a[2] * b[0] - a[0] * b[2],
-        a[0] * b[1] - a[1] * b[0],
-    ];
+    let cross = [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]];
     let sin = (cross[0] * cross[0] + cross[1] * cross[1] + cross[2] * cross[2]).sqrt();
     let cos = a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
     sin.atan2(cos)
@@ -136,7 +128,8 @@ mod tests {
                     let dlat = ((k * 37) % 200) as f64 / 100.0 - 1.0;
                     let dlng = ((k * 91) % 200) as f64 / 100.0 - 1.0;
                     let scale = radius / 100_000.0;
-                    let (plat, plng) = ((lat + dlat * scale).clamp(-90.0, 90.0), lng + dlng * scale);
+                    let (plat, plng) =
+                        ((lat + dlat * scale).clamp(-90.0, 90.0), lng + dlng * scale);
                     let plng = if plng > 180.0 { plng - 360.0 } else { plng };
                     let d = haversine_m(lat, lng, plat, plng);
                     if (d - radius).abs() > 0.05 {

@@ -86,7 +86,11 @@ impl AlertRecord {
 /// Checks one query centre and radius.
 fn check_disk(lat: f64, lng: f64, radius_m: f64) -> Result<Disk, InputError> {
     if !(-90.0..=90.0).contains(&lat) {
-        return Err(InputError::Scalar { name: "lat", reason: "must be within [-90, 90] degrees", value: lat });
+        return Err(InputError::Scalar {
+            name: "lat",
+            reason: "must be within [-90, 90] degrees",
+            value: lat,
+        });
     }
     if !(-180.0..=180.0).contains(&lng) {
         return Err(InputError::Scalar {
@@ -117,7 +121,10 @@ impl LocationIndex {
     pub fn new(resolution: u8, ttl_s: u32) -> Result<Self, InputError> {
         let storage = store::storage_resolution(resolution)?;
         if ttl_s == 0 {
-            return Err(InputError::Option { name: "ttl_s", reason: "must be at least 1 second".into() });
+            return Err(InputError::Option {
+                name: "ttl_s",
+                reason: "must be at least 1 second".into(),
+            });
         }
         Ok(Self { store: RwLock::new(Store::new(storage)), ttl_s })
     }
@@ -181,12 +188,18 @@ impl LocationIndex {
     pub fn remove(&self, ids: &[u64], gateways: Option<&[u16]>) -> Result<usize, InputError> {
         let mut store = self.store.write();
         let keys: Vec<DeviceKey> = match gateways {
-            Some(g) if g.len() == 1 => ids.iter().map(|&id| DeviceKey { gateway: g[0], id }).collect(),
+            Some(g) if g.len() == 1 => {
+                ids.iter().map(|&id| DeviceKey { gateway: g[0], id }).collect()
+            }
             Some(g) if g.len() == ids.len() => {
                 ids.iter().zip(g).map(|(&id, &gateway)| DeviceKey { gateway, id }).collect()
             }
             Some(g) => {
-                return Err(InputError::Length { name: "gateway", got: g.len(), expected: ids.len() })
+                return Err(InputError::Length {
+                    name: "gateway",
+                    got: g.len(),
+                    expected: ids.len(),
+                })
             }
             None => {
                 let known = store.gateways();
@@ -256,7 +269,13 @@ impl LocationIndex {
     /// Ids of the live devices within `radius_m` metres (great circle) of a centre in
     /// degrees, in no particular order. An id used by two gateways for two devices
     /// inside the disk appears twice; see [`LocationIndex::within_keys`].
-    pub fn within(&self, lat: f64, lng: f64, radius_m: f64, now: f64) -> Result<Vec<u64>, InputError> {
+    pub fn within(
+        &self,
+        lat: f64,
+        lng: f64,
+        radius_m: f64,
+        now: f64,
+    ) -> Result<Vec<u64>, InputError> {
         let disk = check_disk(lat, lng, radius_m)?;
         let store = self.store.read();
         Ok(Self::collect(&store, &disk, self.cutoff(now), |s, slot| s.id(slot)))

@@ -87,7 +87,8 @@ impl PyIndex {
     ) -> PyResult<(usize, usize, usize)> {
         let (ids, gateways) = (slice("device_id", &ids)?, slice("gateway", &gateways)?);
         let (lat, lng, seen) = (slice("lat", &lat)?, slice("lng", &lng)?, slice("seen_at", &seen)?);
-        let out = py.detach(|| self.0.upsert(ids, gateways, lat, lng, seen, now)).map_err(value_error)?;
+        let out =
+            py.detach(|| self.0.upsert(ids, gateways, lat, lng, seen, now)).map_err(value_error)?;
         Ok((out.added, out.updated, out.stale))
     }
 
@@ -116,6 +117,7 @@ impl PyIndex {
     }
 
     /// Returns (gateways, ids) of the devices inside, as two arrays.
+    #[allow(clippy::type_complexity)]
     fn within_keys<'py>(
         &self,
         py: Python<'py>,
@@ -124,7 +126,8 @@ impl PyIndex {
         radius_m: f64,
         now: f64,
     ) -> PyResult<(Bound<'py, PyArray1<u16>>, Bound<'py, PyArray1<u64>>)> {
-        let keys = py.detach(|| self.0.within_keys(lat, lng, radius_m, now)).map_err(value_error)?;
+        let keys =
+            py.detach(|| self.0.within_keys(lat, lng, radius_m, now)).map_err(value_error)?;
         let gateways: Vec<u16> = keys.iter().map(|k| k.gateway).collect();
         let ids: Vec<u64> = keys.iter().map(|k| k.id).collect();
         Ok((gateways.into_pyarray(py), ids.into_pyarray(py)))
@@ -141,7 +144,11 @@ impl PyIndex {
     ) -> PyResult<Bound<'py, PyDict>> {
         let (lat, lng) = (slice("lat", &lat)?, slice("lng", &lng)?);
         if lat.len() != lng.len() {
-            return Err(value_error(InputError::Length { name: "lng", got: lng.len(), expected: lat.len() }));
+            return Err(value_error(InputError::Length {
+                name: "lng",
+                got: lng.len(),
+                expected: lat.len(),
+            }));
         }
         let centres: Vec<(f64, f64)> = lat.iter().copied().zip(lng.iter().copied()).collect();
         let by_gateway = py

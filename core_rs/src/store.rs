@@ -260,7 +260,8 @@ impl Store {
         let slot = slot as usize;
         if slot < self.sorted_len {
             // dir_start is ascending; the cell is the last one starting at or before.
-            let i = fenced_partition(&self.dir_start, &self.start_fences, |&s| s as usize <= slot) - 1;
+            let i =
+                fenced_partition(&self.dir_start, &self.start_fences, |&s| s as usize <= slot) - 1;
             self.dir_cells[i]
         } else {
             self.tail_cells[slot - self.sorted_len]
@@ -285,7 +286,8 @@ impl Store {
     /// Where each report's device is now: its slot, and whether the report keeps it in
     /// the same storage cell.
     fn locate(&self, batch: &Batch<'_>, prepared: &[Prepared]) -> Vec<(u32, bool)> {
-        let locate = |(i, &(hash, cell, _)): (usize, &Prepared)| match self.find(hash, batch.key(i)) {
+        let locate = |(i, &(hash, cell, _)): (usize, &Prepared)| match self.find(hash, batch.key(i))
+        {
             None => (NO_SLOT, false),
             Some(slot) => (slot, self.cell_of(slot) == cell),
         };

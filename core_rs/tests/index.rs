@@ -11,7 +11,13 @@ const NOW: f64 = 1_800_000_000.0;
 /// What the index should hold: key -> (lat, lng, seen).
 type Truth = BTreeMap<DeviceKey, (f64, f64, f64)>;
 
-fn oracle(truth: &Truth, lat: f64, lng: f64, radius: f64, cutoff: f64) -> (BTreeSet<DeviceKey>, BTreeSet<DeviceKey>) {
+fn oracle(
+    truth: &Truth,
+    lat: f64,
+    lng: f64,
+    radius: f64,
+    cutoff: f64,
+) -> (BTreeSet<DeviceKey>, BTreeSet<DeviceKey>) {
     // Devices clearly inside, and devices within a metre of the boundary (either answer).
     let mut inside = BTreeSet::new();
     let mut edge = BTreeSet::new();
@@ -36,8 +42,18 @@ fn check(index: &LocationIndex, truth: &Truth, lat: f64, lng: f64, radius: f64, 
     let (inside, edge) = oracle(truth, lat, lng, radius, (now - f64::from(index.ttl_s())).ceil());
     let missing: Vec<_> = inside.difference(&set).collect();
     let extra: Vec<_> = set.difference(&inside).filter(|k| !edge.contains(k)).collect();
-    assert!(missing.is_empty(), "missing {} at ({lat}, {lng}) r={radius}: {:?}", missing.len(), &missing[..missing.len().min(3)]);
-    assert!(extra.is_empty(), "extra {} at ({lat}, {lng}) r={radius}: {:?}", extra.len(), &extra[..extra.len().min(3)]);
+    assert!(
+        missing.is_empty(),
+        "missing {} at ({lat}, {lng}) r={radius}: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
+    assert!(
+        extra.is_empty(),
+        "extra {} at ({lat}, {lng}) r={radius}: {:?}",
+        extra.len(),
+        &extra[..extra.len().min(3)]
+    );
 }
 
 fn cluster(rng: &mut StdRng, n: usize, lat: f64, lng: f64, spread: f64) -> Vec<(f64, f64)> {
@@ -56,7 +72,13 @@ fn cluster(rng: &mut StdRng, n: usize, lat: f64, lng: f64, spread: f64) -> Vec<(
         .collect()
 }
 
-fn load(index: &LocationIndex, truth: &mut Truth, keys: &[DeviceKey], points: &[(f64, f64)], seen: f64) {
+fn load(
+    index: &LocationIndex,
+    truth: &mut Truth,
+    keys: &[DeviceKey],
+    points: &[(f64, f64)],
+    seen: f64,
+) {
     for chunk in (0..keys.len()).collect::<Vec<_>>().chunks(20_000) {
         let ids: Vec<u64> = chunk.iter().map(|&i| keys[i].id).collect();
         let gws: Vec<u16> = chunk.iter().map(|&i| keys[i].gateway).collect();
@@ -75,12 +97,22 @@ fn random_places_moves_removals_and_expiry_match_the_oracle() {
     let mut rng = StdRng::seed_from_u64(11);
     let index = LocationIndex::new(10, 1800).unwrap();
     let mut truth = Truth::new();
-    let places = [(39.9042, 116.4074), (89.999, 0.0), (-89.9, 45.0), (0.0, 179.999), (-33.9, 151.2), (0.0, 0.0)];
+    let places = [
+        (39.9042, 116.4074),
+        (89.999, 0.0),
+        (-89.9, 45.0),
+        (0.0, 179.999),
+        (-33.9, 151.2),
+        (0.0, 0.0),
+    ];
     let mut keys = Vec::new();
     let mut points = Vec::new();
     for (k, &(lat, lng)) in places.iter().enumerate() {
         for p in cluster(&mut rng, 30_000, lat, lng, 0.05 + 0.3 * (k % 2) as f64) {
-            keys.push(DeviceKey { gateway: rng.random_range(0..3), id: rng.random_range(0..200_000) });
+            keys.push(DeviceKey {
+                gateway: rng.random_range(0..3),
+                id: rng.random_range(0..200_000),
+            });
             points.push(p);
         }
     }
@@ -151,7 +183,16 @@ fn stale_reports_are_ignored_and_the_newest_in_a_batch_wins() {
     let out = index.upsert(&[1], &[0], &[20.0], &[20.0], &[NOW - 100.0], NOW).unwrap();
     assert_eq!(out.stale, 1);
     assert_eq!(index.within(10.0, 10.0, 1.0, NOW).unwrap(), vec![1]);
-    index.upsert(&[1, 1, 1], &[0], &[30.0, 40.0, 50.0], &[30.0, 40.0, 50.0], &[NOW, NOW, NOW - 2.0], NOW).unwrap();
+    index
+        .upsert(
+            &[1, 1, 1],
+            &[0],
+            &[30.0, 40.0, 50.0],
+            &[30.0, 40.0, 50.0],
+            &[NOW, NOW, NOW - 2.0],
+            NOW,
+        )
+        .unwrap();
     assert_eq!(index.within(40.0, 40.0, 1.0, NOW).unwrap(), vec![1]);
     assert!(index.within(10.0, 10.0, 1.0, NOW).unwrap().is_empty());
     assert_eq!(index.live(NOW), 1);
@@ -171,8 +212,13 @@ fn same_id_on_two_gateways_is_two_devices() {
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let index = LocationIndex::new(10, 1800).unwrap();
-    let err = index.upsert(&[1, 2, 3], &[0], &[1.0, f64::NAN, 91.0], &[0.0; 3], &[NOW; 3], NOW).unwrap_err();
-    assert_eq!(err.to_string(), "lat: 2 value(s) are not finite degrees within [-90, 90] (first at position 1: NaN)");
+    let err = index
+        .upsert(&[1, 2, 3], &[0], &[1.0, f64::NAN, 91.0], &[0.0; 3], &[NOW; 3], NOW)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "lat: 2 value(s) are not finite degrees within [-90, 90] (first at position 1: NaN)"
+    );
     assert!(index.upsert(&[1, 2], &[0], &[1.0], &[0.0; 2], &[NOW; 2], NOW).is_err());
     assert!(index.upsert(&[1], &[0], &[1.0], &[0.0], &[NOW + 1000.0], NOW).is_err());
     assert_eq!(index.live(NOW), 0);
@@ -186,11 +232,16 @@ fn new_recipients_never_repeat_a_device() {
     let index = LocationIndex::new(10, 1800).unwrap();
     let mut truth = Truth::new();
     let points = cluster(&mut rng, 50_000, 30.0, 120.0, 0.05);
-    let keys: Vec<DeviceKey> = (0..points.len() as u64).map(|id| DeviceKey { gateway: (id % 3) as u16, id }).collect();
+    let keys: Vec<DeviceKey> =
+        (0..points.len() as u64).map(|id| DeviceKey { gateway: (id % 3) as u16, id }).collect();
     load(&index, &mut truth, &keys, &points, NOW);
     let record = AlertRecord::new();
     let mut all = BTreeSet::new();
-    for (r, centres) in [(1000.0, vec![(30.0, 120.0)]), (2000.0, vec![(30.0, 120.0), (30.01, 120.01)]), (3000.0, vec![(30.0, 120.0)])] {
+    for (r, centres) in [
+        (1000.0, vec![(30.0, 120.0)]),
+        (2000.0, vec![(30.0, 120.0), (30.01, 120.01)]),
+        (3000.0, vec![(30.0, 120.0)]),
+    ] {
         let batch = index.new_recipients(&record, &centres, r, NOW).unwrap();
         for (&g, ids) in &batch {
             for &id in ids {

