@@ -1,10 +1,13 @@
 //! The device store: live positions sorted by H3 cell, with in-place moves.
 //!
-//! Layout (26 bytes a device, plus about 6 to 11 in the key table):
-//! - a slab of columns indexed by slot: device id, gateway, fixed-point position, and
-//!   the second it was last seen (0 marks a dead slot);
+//! Layout (28 bytes a device, plus about 6 to 11 in the key table, whatever the density):
+//! - a slab of columns indexed by slot: device id, gateway, fixed-point position, the
+//!   second it was last seen (0 marks a dead slot), and the cell's place in its group;
 //! - the *sorted prefix* of the slab, ordered by storage cell, with a directory of the
-//!   cells present and where each one starts;
+//!   cell *groups* present and where each one starts. A group is the set of storage
+//!   cells under one ancestor four resolutions coarser (2,401 cells); a slot keeps the
+//!   last four digits of its cell (12 bits), so the directory stays small however
+//!   sparse the population is;
 //! - the *appended tail*: devices that arrived or changed cell since the last
 //!   compaction, with their cell, and an ordered map from cell to their slots;
 //! - a key table from (gateway, device id) to slot, split in shards by hash so that a
@@ -106,6 +109,8 @@ struct Slab {
     gateways: Vec<u16>,
     positions: Vec<FixedVec>,
     seen: Vec<u32>,
+    /// The storage cell's digits below its group (see [`Grouping`]).
+    digits: Vec<u16>,
 }
 
 impl Slab {
@@ -123,11 +128,12 @@ impl Slab {
         self.ids[slot as usize] == key.id && self.gateways[slot as usize] == key.gateway
     }
 
-    fn push(&mut self, key: DeviceKey, position: FixedVec, seen: u32) {
+    fn push(&mut self, key: DeviceKey, position: FixedVec, seen: u32, digits: u16) {
         self.ids.push(key.id);
         self.gateways.push(key.gateway);
         self.positions.push(position);
         self.seen.push(seen);
+        self.digits.push(digits);
     }
 
     fn gather(&self, order: &[u32]) -> Slab {
@@ -139,6 +145,7 @@ impl Slab {
             gateways: take(&self.gateways, order),
             positions: take(&self.positions, order),
             seen: take(&self.seen, order),
+            digits: take(&self.digits, order),
         }
     }
 
@@ -147,11 +154,49 @@ impl Slab {
             + self.gateways.capacity() * 2
             + self.positions.capacity() * 12
             + self.seen.capacity() * 4
+            + self.digits.capacity() * 2
     }
 }
 
 /// Hash of the key, storage cell, and position of one report.
 pub type Prepared = (u64, u64, FixedVec);
+
+/// Splits storage cell ids into a group (the id with its last [`GROUP_DIGITS`] digits
+/// cleared) and those digits.
+///
+/// In an H3 cell id, each resolution's digit takes three bits, coarsest first, and the
+/// digits past the cell's resolution are all 7; so the ids of one group are contiguous,
+/// and ordering ids is ordering (group, digits).
+#[derive(Clone, Copy, Debug)]
+struct Grouping {
+    /// Bit offset of the last digit of a storage cell.
+    shift: u32,
+}
+
+/// Digits of a storage cell kept per slot: 4 digits of 3 bits fit in a `u16`.
+const GROUP_DIGITS: u32 = 4;
+const DIGITS_MASK: u64 = (1 << (3 * GROUP_DIGITS)) - 1;
+
+impl Grouping {
+    fn new(storage: Resolution) -> Self {
+        Self { shift: 3 * (15 - u32::from(u8::from(storage))) }
+    }
+
+    #[inline]
+    fn group(self, cell: u64) -> u64 {
+        cell & !(DIGITS_MASK << self.shift)
+    }
+
+    #[inline]
+    fn digits(self, cell: u64) -> u16 {
+        ((cell >> self.shift) & DIGITS_MASK) as u16
+    }
+
+    #[inline]
+    fn cell(self, group: u64, digits: u16) -> u64 {
+        group | (u64::from(digits) << self.shift)
+    }
+}
 
 /// Spacing of the fences over the directory.
 const FENCE: usize = 64;
@@ -179,14 +224,15 @@ pub struct Store {
     slab: Slab,
     /// Slots `[0, sorted_len)` are ordered by storage cell.
     sorted_len: usize,
-    /// Distinct storage cells of the sorted prefix, ascending.
-    dir_cells: Vec<u64>,
-    /// `dir_start[i]..dir_start[i + 1]` are the slots of `dir_cells[i]`; one entry more
-    /// than `dir_cells`, the last one `sorted_len`.
+    grouping: Grouping,
+    /// Distinct cell groups of the sorted prefix, ascending.
+    dir_groups: Vec<u64>,
+    /// `dir_start[i]..dir_start[i + 1]` are the slots of `dir_groups[i]`; one entry
+    /// more than `dir_groups`, the last one `sorted_len`.
     dir_start: Vec<u32>,
-    /// Every [`FENCE`]-th entry of `dir_cells` and `dir_start`: a small copy that stays in
-    /// cache and narrows each binary search to one block.
-    cell_fences: Vec<u64>,
+    /// Every [`FENCE`]-th entry of `dir_groups` and `dir_start`: a small copy that stays
+    /// in cache and narrows each binary search to one block.
+    group_fences: Vec<u64>,
     start_fences: Vec<u32>,
     /// Storage cell of each appended slot (`slot - sorted_len`).
     tail_cells: Vec<u64>,
@@ -210,9 +256,10 @@ impl Store {
             storage,
             slab: Slab::default(),
             sorted_len: 0,
-            dir_cells: Vec::new(),
+            grouping: Grouping::new(storage),
+            dir_groups: Vec::new(),
             dir_start: vec![0],
-            cell_fences: Vec::new(),
+            group_fences: Vec::new(),
             start_fences: vec![0],
             tail_cells: Vec::new(),
             tail_by_cell: BTreeMap::new(),
@@ -238,7 +285,7 @@ impl Store {
         let tables: usize = self.shards.iter().map(|t| t.capacity() * 5 + 16).sum();
         let tail_map: usize = self.tail_by_cell.values().map(|v| v.capacity() * 4 + 48).sum();
         self.slab.bytes()
-            + self.dir_cells.capacity() * 8
+            + self.dir_groups.capacity() * 8
             + self.dir_start.capacity() * 4
             + self.tail_cells.capacity() * 8
             + tail_map
@@ -262,7 +309,7 @@ impl Store {
             // dir_start is ascending; the cell is the last one starting at or before.
             let i =
                 fenced_partition(&self.dir_start, &self.start_fences, |&s| s as usize <= slot) - 1;
-            self.dir_cells[i]
+            self.grouping.cell(self.dir_groups[i], self.slab.digits[slot])
         } else {
             self.tail_cells[slot - self.sorted_len]
         }
@@ -420,7 +467,7 @@ impl Store {
 
     fn append(&mut self, key: DeviceKey, position: FixedVec, seen: u32, cell: u64) -> u32 {
         let slot = self.slab.len() as u32;
-        self.slab.push(key, position, seen);
+        self.slab.push(key, position, seen, self.grouping.digits(cell));
         self.tail_cells.push(cell);
         slot
     }
@@ -516,30 +563,37 @@ impl Store {
             .collect();
         tail.par_sort_unstable();
 
-        // Merge prefix and tail cell by cell into the new order and directory.
+        // Merge prefix and tail group by group into the new order and directory. Within
+        // a group, prefix slots are ordered by digits already; merge on the digits.
         let live = self.stored;
         let mut order: Vec<u32> = Vec::with_capacity(live);
-        let mut dir_cells = Vec::with_capacity(self.dir_cells.len() + tail.len().min(1 << 20));
-        let mut dir_start = Vec::with_capacity(dir_cells.capacity() + 1);
-        let mut t = 0;
-        let mut d = 0;
-        let seen = &self.slab.seen;
-        while d < self.dir_cells.len() || t < tail.len() {
-            let dir_cell = self.dir_cells.get(d).copied().unwrap_or(u64::MAX);
-            let tail_cell = tail.get(t).map_or(u64::MAX, |&(c, _)| c);
-            let cell = dir_cell.min(tail_cell);
+        let mut dir_groups = Vec::with_capacity(self.dir_groups.len() + 1024);
+        let mut dir_start = Vec::with_capacity(dir_groups.capacity() + 1);
+        let (mut t, mut d) = (0, 0);
+        let slab = &self.slab;
+        let grouping = self.grouping;
+        while d < self.dir_groups.len() || t < tail.len() {
+            let dir_group = self.dir_groups.get(d).copied().unwrap_or(u64::MAX);
+            let tail_group = tail.get(t).map_or(u64::MAX, |&(c, _)| grouping.group(c));
+            let group = dir_group.min(tail_group);
             let before = order.len();
-            if dir_cell == cell {
-                let range = self.dir_start[d]..self.dir_start[d + 1];
-                order.extend(range.filter(|&slot| seen[slot as usize] != 0));
+            let mut prefix = 0..0;
+            if dir_group == group {
+                prefix = self.dir_start[d] as usize..self.dir_start[d + 1] as usize;
                 d += 1;
             }
-            while t < tail.len() && tail[t].0 == cell {
+            let mut prefix = prefix.filter(|&slot| slab.seen[slot] != 0).peekable();
+            while t < tail.len() && grouping.group(tail[t].0) == group {
+                let digits = grouping.digits(tail[t].0);
+                while let Some(slot) = prefix.next_if(|&slot| slab.digits[slot] <= digits) {
+                    order.push(slot as u32);
+                }
                 order.push(tail[t].1);
                 t += 1;
             }
+            order.extend(prefix.map(|slot| slot as u32));
             if order.len() > before {
-                dir_cells.push(cell);
+                dir_groups.push(group);
                 dir_start.push(before as u32);
             }
         }
@@ -559,11 +613,11 @@ impl Store {
         });
         self.slab = slab;
         self.sorted_len = order.len();
-        dir_cells.shrink_to_fit();
+        dir_groups.shrink_to_fit();
         dir_start.shrink_to_fit();
-        self.cell_fences = dir_cells.iter().step_by(FENCE).copied().collect();
+        self.group_fences = dir_groups.iter().step_by(FENCE).copied().collect();
         self.start_fences = dir_start.iter().step_by(FENCE).copied().collect();
-        self.dir_cells = dir_cells;
+        self.dir_groups = dir_groups;
         self.dir_start = dir_start;
         self.tail_cells = Vec::new();
         self.tail_by_cell = BTreeMap::new();
@@ -572,9 +626,27 @@ impl Store {
 
     /// Slots of the sorted prefix filed in storage cells `[first, last]`.
     fn prefix_slots(&self, first: u64, last: u64) -> std::ops::Range<usize> {
-        let a = fenced_partition(&self.dir_cells, &self.cell_fences, |&c| c < first);
-        let b = fenced_partition(&self.dir_cells, &self.cell_fences, |&c| c <= last);
-        self.dir_start[a] as usize..self.dir_start[b] as usize
+        let g = &self.grouping;
+        let (first_group, last_group) = (g.group(first), g.group(last));
+        let a = fenced_partition(&self.dir_groups, &self.group_fences, |&c| c < first_group);
+        let b = fenced_partition(&self.dir_groups, &self.group_fences, |&c| c <= last_group);
+        if a == b {
+            return 0..0;
+        }
+        let (mut start, mut end) = (self.dir_start[a] as usize, self.dir_start[b] as usize);
+        // The range may start or end inside a group: narrow by the digits there.
+        if self.dir_groups[a] == first_group {
+            let digits = g.digits(first);
+            let group_end = self.dir_start[a + 1] as usize;
+            start += self.slab.digits[start..group_end].partition_point(|&d| d < digits);
+        }
+        if self.dir_groups[b - 1] == last_group {
+            let digits = g.digits(last);
+            let group_start = self.dir_start[b - 1] as usize;
+            end =
+                group_start + self.slab.digits[group_start..end].partition_point(|&d| d <= digits);
+        }
+        start..end.max(start)
     }
 
     /// Upper bound on the devices filed in storage cells `[first, last]`.
