@@ -52,6 +52,20 @@ class Ring:
     distance: dict[Key, float] = field(compare=False)
 
 
+def classify(
+    lats: np.ndarray, lngs: np.ndarray, lat: float, lng: float, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For devices at (lats, lngs): whether each must be inside the ring, whether it may
+    be, and its distance in metres from the centre."""
+    d = haversine_m(lat, lng, lats, lngs)
+    if radius >= HALF_CIRCUMFERENCE_M:
+        must = np.ones(d.shape, dtype=bool)
+    else:
+        # A device exactly at the centre (distance 0) is inside even at radius 0.
+        must = d <= max(radius - SLACK_M, 0.0)
+    return must, d <= radius + SLACK_M, d
+
+
 def ring(devices: dict[Key, tuple[float, float]], lat: float, lng: float, radius: float) -> Ring:
     """The ring of ``radius`` metres around (lat, lng) over ``devices`` {key: (lat, lng)}."""
     keys = list(devices)
@@ -59,16 +73,10 @@ def ring(devices: dict[Key, tuple[float, float]], lat: float, lng: float, radius
         return Ring(frozenset(), frozenset(), {})
     lats = np.array([devices[k][0] for k in keys], dtype=np.float64)
     lngs = np.array([devices[k][1] for k in keys], dtype=np.float64)
-    d = haversine_m(lat, lng, lats, lngs)
-    if radius >= HALF_CIRCUMFERENCE_M:
-        inner = np.ones(len(keys), dtype=bool)
-    else:
-        # A device exactly at the centre (distance 0) is inside even at radius 0.
-        inner = d <= max(radius - SLACK_M, 0.0)
-    outer = d <= radius + SLACK_M
+    must, may, d = classify(lats, lngs, lat, lng, radius)
     return Ring(
-        must=frozenset(k for k, keep in zip(keys, inner, strict=True) if keep),
-        may=frozenset(k for k, keep in zip(keys, outer, strict=True) if keep),
+        must=frozenset(k for k, keep in zip(keys, must, strict=True) if keep),
+        may=frozenset(k for k, keep in zip(keys, may, strict=True) if keep),
         distance=dict(zip(keys, d.tolist(), strict=True)),
     )
 
