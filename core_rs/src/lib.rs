@@ -6,6 +6,8 @@
 //! other; a batch of reports is prepared (cells, positions, hashes) without any lock
 //! and applied under the write lock, so a reader sees a batch entirely or not at all.
 
+#[cfg(target_os = "linux")]
+mod alloc;
 pub mod cover;
 pub mod error;
 pub mod geo;
@@ -17,12 +19,16 @@ mod python;
 use error::{check_all, InputError};
 use geo::Disk;
 use hashbrown::{HashMap, HashSet};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use store::{Batch, DeviceKey, Store, UpsertOutcome};
 
 pub use geo::{haversine_m, EARTH_RADIUS_M};
+
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: alloc::HugePageAlloc = alloc::HugePageAlloc;
 
 /// How far in the future a report's time may be (clock skew between the partner
 /// app's servers and the engine), in seconds.
@@ -178,9 +184,14 @@ impl LocationIndex {
         })?;
 
         let batch = Batch { ids, gateways, lat, lng, seen };
+        // Cells and positions need no lock; locating the devices needs the store to hold
+        // still, but queries may go on; only writing shuts them out.
         let storage = self.store.read().storage_resolution();
         let prepared = Store::prepare(storage, &batch);
-        Ok(self.store.write().apply(&batch, &prepared))
+        let store = self.store.upgradable_read();
+        let located = store.locate(&batch, &prepared);
+        let mut store = RwLockUpgradableReadGuard::upgrade(store);
+        Ok(store.apply(&batch, &prepared, &located))
     }
 
     /// Forgets devices now. Without `gateways`, an id is forgotten on every gateway

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// Number of key-table shards (a power of two).
-const SHARDS: usize = 64;
+const SHARDS: usize = 16;
 /// Batches up to this size are applied on one thread: splitting costs more.
 const PARALLEL_ABOVE: usize = 16_384;
 
@@ -331,8 +331,9 @@ impl Store {
     }
 
     /// Where each report's device is now: its slot, and whether the report keeps it in
-    /// the same storage cell.
-    fn locate(&self, batch: &Batch<'_>, prepared: &[Prepared]) -> Vec<(u32, bool)> {
+    /// the same storage cell. Reads only: queries can run meanwhile; the store must not
+    /// change before [`Store::apply`] uses the result.
+    pub fn locate(&self, batch: &Batch<'_>, prepared: &[Prepared]) -> Vec<(u32, bool)> {
         let locate = |(i, &(hash, cell, _)): (usize, &Prepared)| match self.find(hash, batch.key(i))
         {
             None => (NO_SLOT, false),
@@ -348,17 +349,22 @@ impl Store {
     }
 
     /// Applies a batch of checked reports prepared by [`Store::prepare`] at this store's
-    /// resolution. A report older than the stored position of its device is ignored;
-    /// within the batch the newest report of a device wins (the later one on equal
-    /// times).
-    pub fn apply(&mut self, batch: &Batch<'_>, prepared: &[Prepared]) -> UpsertOutcome {
+    /// resolution and located by [`Store::locate`] on the store as it is. A report older
+    /// than the stored position of its device is ignored; within the batch the newest
+    /// report of a device wins (the later one on equal times).
+    pub fn apply(
+        &mut self,
+        batch: &Batch<'_>,
+        prepared: &[Prepared],
+        located: &[(u32, bool)],
+    ) -> UpsertOutcome {
         assert_eq!(batch.len(), prepared.len());
+        assert_eq!(batch.len(), located.len());
         if batch.gateways.len() == 1 {
             self.gateway_used[usize::from(batch.gateways[0])] = true;
         } else {
             batch.gateways.iter().for_each(|&g| self.gateway_used[usize::from(g)] = true);
         }
-        let located = self.locate(batch, prepared);
 
         // Write the slab in report order. A device found in the key table is rewritten
         // in place, or moved to a new slot when it changes cell; unknown devices get a
@@ -369,7 +375,7 @@ impl Store {
         let mut moved: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
         let mut fresh: Vec<Vec<(u64, u32)>> = vec![Vec::new(); SHARDS];
         for (i, (&(hash, cell, position), &(found, same_cell))) in
-            prepared.iter().zip(&located).enumerate()
+            prepared.iter().zip(located).enumerate()
         {
             let seen = batch.seen(i);
             self.oldest_seen = self.oldest_seen.min(seen);
@@ -452,7 +458,7 @@ impl Store {
         self.stored += outcome.added;
 
         // Index the tail by cell, or fold it into the prefix when it has grown.
-        if self.tail_len() + self.dead > (self.sorted_len / 8).max(65_536) {
+        if self.worth_compacting() {
             self.compact();
         } else {
             for slot in first_new..self.slab.len() as u32 {
@@ -544,8 +550,17 @@ impl Store {
         self.stored
     }
 
+    /// Whether the tail and the dead slots have grown enough to pay for a compaction,
+    /// which copies every live device once. A move to another cell adds one tail slot
+    /// and one dead slot, so at a quarter of the sorted prefix a compaction follows an
+    /// eighth of the devices changing cell: about eight copies a move, and at most
+    /// about 10 bytes a device of extra memory meanwhile.
+    fn worth_compacting(&self) -> bool {
+        self.tail_len() + self.dead > (self.sorted_len / 4).max(65_536)
+    }
+
     fn compact_if_worth_it(&mut self) {
-        if self.tail_len() + self.dead > (self.sorted_len / 8).max(65_536) {
+        if self.worth_compacting() {
             self.compact();
         }
     }
