@@ -198,6 +198,37 @@ impl Grouping {
     }
 }
 
+/// A column written from several threads at distinct indices.
+struct SharedColumn<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: the users of a SharedColumn write each index from one thread at most, and
+// the column outlives them (it is borrowed mutably for the SharedColumn's life).
+unsafe impl<T: Send> Sync for SharedColumn<T> {}
+unsafe impl<T: Send> Send for SharedColumn<T> {}
+
+impl<T: Copy> SharedColumn<T> {
+    fn new(column: &mut [T]) -> Self {
+        Self { ptr: column.as_mut_ptr(), len: column.len() }
+    }
+
+    /// # Safety
+    /// No other thread writes index `i` meanwhile.
+    unsafe fn get(&self, i: usize) -> T {
+        assert!(i < self.len);
+        unsafe { *self.ptr.add(i) }
+    }
+
+    /// # Safety
+    /// No other thread reads or writes index `i` meanwhile.
+    unsafe fn set(&self, i: usize, value: T) {
+        assert!(i < self.len);
+        unsafe { *self.ptr.add(i) = value }
+    }
+}
+
 /// Spacing of the fences over the directory.
 const FENCE: usize = 64;
 
@@ -371,12 +402,16 @@ impl Store {
         // new slot. The key table itself is updated afterwards, shard by shard, so a
         // device reported twice in the batch is followed through `moved`.
         let mut outcome = UpsertOutcome::default();
+        let done = self.rewrite_in_place(batch, prepared, located, &mut outcome);
         let first_new = self.slab.len() as u32;
         let mut moved: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
         let mut fresh: Vec<Vec<(u64, u32)>> = vec![Vec::new(); SHARDS];
         for (i, (&(hash, cell, position), &(found, same_cell))) in
             prepared.iter().zip(located).enumerate()
         {
+            if done.get(i).is_some_and(|&d| d) {
+                continue;
+            }
             let seen = batch.seen(i);
             self.oldest_seen = self.oldest_seen.min(seen);
             let mut slot = found;
@@ -469,6 +504,69 @@ impl Store {
             }
         }
         outcome
+    }
+
+    /// Rewrites, on every core, the slots of devices that stay in their cell and are
+    /// reported once in the batch (most reports of a large batch); returns which
+    /// reports it handled. Small batches, or batches small beside the store, are left
+    /// to the ordered loop: counting the claims on slots costs a byte per slot.
+    fn rewrite_in_place(
+        &mut self,
+        batch: &Batch<'_>,
+        prepared: &[Prepared],
+        located: &[(u32, bool)],
+        outcome: &mut UpsertOutcome,
+    ) -> Vec<bool> {
+        use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+        if batch.len() <= PARALLEL_ABOVE.max(self.slab.len() / 64) {
+            return Vec::new();
+        }
+        let claims: Vec<AtomicU8> = (0..self.slab.len()).map(|_| AtomicU8::new(0)).collect();
+        // Claims by every report of a held device, whatever it does: a device reported
+        // twice must see its reports applied in order, by the loop.
+        located.par_iter().for_each(|&(slot, _)| {
+            if slot != NO_SLOT {
+                let _ = claims[slot as usize]
+                    .fetch_update(Relaxed, Relaxed, |c| (c < 2).then_some(c + 1));
+            }
+        });
+        let positions = SharedColumn::new(&mut self.slab.positions);
+        let seens = SharedColumn::new(&mut self.slab.seen);
+        // 0: left to the ordered loop, 1: rewritten, 2: stale.
+        let results: Vec<u8> = (0..batch.len())
+            .into_par_iter()
+            .map(|i| {
+                let (slot, same_cell) = located[i];
+                if slot == NO_SLOT || !same_cell || claims[slot as usize].load(Relaxed) != 1 {
+                    return 0;
+                }
+                let (slot, seen) = (slot as usize, batch.seen(i));
+                // SAFETY: claims[slot] == 1, so no other report of this batch reaches this
+                // slot, and the caller holds the store exclusively.
+                unsafe {
+                    if seen < seens.get(slot) {
+                        return 2;
+                    }
+                    positions.set(slot, prepared[i].2);
+                    seens.set(slot, seen);
+                }
+                1
+            })
+            .collect();
+        let mut done = Vec::with_capacity(results.len());
+        for (i, &r) in results.iter().enumerate() {
+            match r {
+                1 => {
+                    outcome.updated += 1;
+                    self.oldest_seen = self.oldest_seen.min(batch.seen(i));
+                }
+                2 => outcome.stale += 1,
+                _ => {}
+            }
+            done.push(r != 0);
+        }
+        done
     }
 
     fn append(&mut self, key: DeviceKey, position: FixedVec, seen: u32, cell: u64) -> u32 {

@@ -256,3 +256,42 @@ fn new_recipients_never_repeat_a_device() {
     }
     assert_eq!(record.len(), all.len());
 }
+
+#[test]
+fn large_batches_with_repeats_keep_the_newest_report() {
+    let index = LocationIndex::new(10, 1800).unwrap();
+    let n = 40_000usize;
+    let ids: Vec<u64> = (0..n as u64).collect();
+    index.upsert(&ids, &[0], &vec![10.0; n], &vec![10.0; n], &vec![NOW - 100.0; n], NOW).unwrap();
+    // Everyone moves a metre, and every tenth device is reported a second time, later
+    // in the batch, from far away but with an older time: that report must lose.
+    let (mut batch_ids, mut lat, mut lng, mut seen) =
+        (ids.clone(), vec![10.00001; n], vec![10.0; n], vec![NOW - 10.0; n]);
+    for id in (0..n as u64).step_by(10) {
+        batch_ids.push(id);
+        lat.push(20.0);
+        lng.push(20.0);
+        seen.push(NOW - 50.0);
+    }
+    let out = index.upsert(&batch_ids, &[0], &lat, &lng, &seen, NOW).unwrap();
+    assert_eq!((out.added, out.updated, out.stale), (0, n, n / 10));
+    assert!(index.within(20.0, 20.0, 1000.0, NOW).unwrap().is_empty());
+    assert_eq!(index.within(10.00001, 10.0, 1.0, NOW).unwrap().len(), n);
+    assert_eq!(index.live(NOW), n);
+}
+
+#[test]
+fn in_a_large_batch_the_later_of_two_equal_times_wins() {
+    let index = LocationIndex::new(10, 1800).unwrap();
+    let n = 40_000usize;
+    let ids: Vec<u64> = (0..n as u64).collect();
+    index.upsert(&ids, &[0], &vec![10.0; n], &vec![10.0; n], &vec![NOW - 100.0; n], NOW).unwrap();
+    // Each device first jumps far away, then (same time, later in the batch) reports a
+    // metre from where it was: the second report is the one that counts.
+    let batch_ids: Vec<u64> = ids.iter().chain(&ids).copied().collect();
+    let lat: Vec<f64> = [vec![20.0; n], vec![10.00001; n]].concat();
+    let lng: Vec<f64> = [vec![20.0; n], vec![10.0; n]].concat();
+    index.upsert(&batch_ids, &[0], &lat, &lng, &vec![NOW - 10.0; 2 * n], NOW).unwrap();
+    assert!(index.within(20.0, 20.0, 1000.0, NOW).unwrap().is_empty());
+    assert_eq!(index.within(10.00001, 10.0, 1.0, NOW).unwrap().len(), n);
+}
