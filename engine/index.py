@@ -25,15 +25,6 @@ DEFAULT_TTL_S = 30 * 60
 #: Default H3 resolution devices are filed under (cells of about 0.015 km²).
 DEFAULT_RESOLUTION = 10
 
-AlertRecord = _core.AlertRecord
-AlertRecord.__doc__ = """Devices already notified for one alert, by gateway.
-
-``AlertRecord()`` starts empty; :meth:`LocationIndex.new_recipients` fills it.
-``len(record)`` counts the devices; ``record.contains(gateway, id)``,
-``record.ids(gateway)`` (ascending uint64 array) and ``record.gateways()`` read it;
-``record.add(gateway, ids)`` records devices notified elsewhere (restoring a record).
-"""
-
 
 def _array(name: str, value: object, kinds: str, dtype: type) -> np.ndarray:
     """``value`` as a contiguous 1-D array of ``dtype``; ``kinds`` are the accepted
@@ -80,6 +71,34 @@ def _seconds(name: str, value: object) -> np.ndarray:
     if array.dtype.kind == "M":
         array = array.astype("datetime64[ns]").astype(np.int64) / 1e9
     return _array(name, array, "fiu", np.float64)
+
+
+class AlertRecord(_core.AlertRecord):
+    """Devices already notified for one alert, by gateway.
+
+    Starts empty; :meth:`LocationIndex.new_recipients` fills it. ``len(record)`` counts
+    the devices.
+    """
+
+    def add(self, gateway: int, ids: object) -> int:
+        """Records devices notified by other means (or restores a record); returns how
+        many were not recorded yet."""
+        gateways = _integers("gateway", gateway, 65535, np.uint16)
+        if gateways.size != 1:
+            raise ValueError(f"gateway must be one integer, got {gateways.size} values")
+        return super().add(int(gateways[0]), _integers("device_id", ids, 2**64 - 1, np.uint64))
+
+    def contains(self, gateway: int, device_id: int) -> bool:
+        """Whether a device is recorded."""
+        return super().contains(int(gateway), int(device_id))
+
+    def ids(self, gateway: int) -> np.ndarray:
+        """Recorded ids of one gateway, ascending (uint64)."""
+        return super().ids(int(gateway))
+
+    def gateways(self) -> list[int]:
+        """Gateways with at least one recorded device, ascending."""
+        return super().gateways()
 
 
 class LocationIndex:
@@ -148,9 +167,10 @@ class LocationIndex:
                 than 300 s ahead of the clock is refused.
 
         Returns:
-            ``(added, updated, stale)``: devices new to the index, devices moved or
-            refreshed, and reports ignored as older than what was held (including
-            repeats of a device within the call).
+            ``(added, updated, stale)``: devices new to the index (or back after removal
+            or expiry), live devices moved or refreshed, and the other reports: older
+            than what the index held, or further reports of a device already counted
+            in the call (the newest one is applied all the same).
 
         Raises:
             ValueError: naming the argument, how many values are wrong and the first

@@ -12,17 +12,18 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, settings
+from support import T0, FakeClock
 
 import engine
-from support import T0, FakeClock
 
 # No deadlines: a query that lands on a compaction, or a busy CI box, is slow without
 # being wrong, and these tests check answers, never speed.
 settings.register_profile(
     "ci",
-    max_examples=40,
-    stateful_step_count=30,
+    max_examples=60,
+    stateful_step_count=40,
     deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
@@ -30,6 +31,7 @@ settings.register_profile(
     max_examples=1_000,
     stateful_step_count=80,
     deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

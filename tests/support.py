@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import strategies as st
-
 from oracle import EARTH_RADIUS_M, HALF_CIRCUMFERENCE_M, Key, haversine_m
 
 #: A fixed "now" for tests (November 2023), far from both ends of the u32 seconds range.
@@ -126,9 +125,7 @@ SPREADS_M = [0.0, 0.8, 6.0, 80.0, 1_500.0, 40_000.0, 600_000.0]
 
 
 @st.composite
-def populations(
-    draw: st.DrawFn, max_clusters: int = 4, max_per_cluster: int = 250
-) -> Population:
+def populations(draw: st.DrawFn, max_clusters: int = 4, max_per_cluster: int = 250) -> Population:
     """Clusters of devices around awkward places. Hypothesis picks the structure
     (anchors, spreads, sizes, how ids are shared) and a seed; numpy fills in the
     positions, which keeps large populations cheap to generate."""
@@ -191,6 +188,8 @@ def queries(draw: st.DrawFn, population: Population) -> tuple[float, float, floa
         i = draw(st.integers(0, n - 1))
         d = float(haversine_m(lat, lng, population.lat[i], population.lng[i]))
         radius = max(0.0, d + draw(st.sampled_from([-1, 1])) * draw(st.floats(1.05, 30.0)))
+        # Boundaries near the centre's antipode have a test of their own.
+        radius = min(radius, 19_000_000.0)
     elif kind == "log":
         radius = 10 ** draw(st.floats(0.0, math.log10(500_000.0)))
     else:
@@ -202,9 +201,11 @@ def queries(draw: st.DrawFn, population: Population) -> tuple[float, float, floa
 EVERYTHING_M = [HALF_CIRCUMFERENCE_M, HALF_CIRCUMFERENCE_M + 1.0, 1e9]
 
 
-def answer(index: object, lat: float, lng: float, radius: float, now: float) -> list[Key]:
-    """Keys answered for a ring, after checking that ``within`` and ``within_keys`` agree
-    and return the documented dtypes."""
+def answer(
+    index: object, lat: float, lng: float, radius: float, now: float | None = None
+) -> list[Key]:
+    """Keys answered for a ring (at the index's clock by default), after checking that
+    ``within`` and ``within_keys`` agree and return the documented dtypes."""
     gateways, ids = index.within_keys(lat, lng, radius, now=now)
     assert gateways.dtype == np.uint16 and ids.dtype == np.uint64
     assert gateways.shape == ids.shape and ids.ndim == 1

@@ -7,17 +7,16 @@ import math
 
 import numpy as np
 import pytest
+from oracle import EARTH_RADIUS_M, HALF_CIRCUMFERENCE_M, assert_answer, haversine_m, ring
+from support import T0, answer, destination
 
 import engine
-from oracle import EARTH_RADIUS_M, HALF_CIRCUMFERENCE_M, assert_answer, haversine_m, ring
-from support import T0, FakeClock, answer, destination
 
 BEIJING = (39.9042, 116.4074)
 
 
 def keys_at(index: engine.LocationIndex, lat: float, lng: float, radius: float, now=None):
     """Set of keys answered, after the shared consistency checks of `answer`."""
-    now = index._clock() if now is None else now
     found = answer(index, lat, lng, radius, now)
     assert len(found) == len(set(found)), "within_keys answered a device twice"
     return set(found)
@@ -170,22 +169,28 @@ def test_a_radius_of_half_the_circumference_answers_everything(index, radius):
 def test_the_antipode_is_outside_a_ring_10_km_short_of_it(index):
     index.upsert([1], [-BEIJING[0]], [BEIJING[1] - 180.0])
     assert keys_at(index, *BEIJING, HALF_CIRCUMFERENCE_M - 10_000.0) == set()
-    assert keys_at(index, *BEIJING, HALF_CIRCUMFERENCE_M - 1.0 + 2.0) == {(0, 1)}
 
 
-def test_ring_boundary_is_decided_to_the_metre_near_the_antipode(index):
-    """Rings of nearly half the circumference put their boundary a few kilometres from
-    the centre's antipode; the promise of 1 m holds there too.
-
-    A device 3 km from the antipode of (0, 0) is 20,012.4 km from it; a ring 50 m
-    shorter must leave it out and one 50 m longer must take it in.
-    """
-    lat, lng = destination(0.0, 180.0, np.array([3000.0]), np.array([0.0]))
+@pytest.mark.parametrize("from_antipode", [111.2, 300.0, 1_000.0, 3_000.0, 30_000.0])
+def test_ring_boundary_is_decided_to_the_metre_near_the_antipode(index, from_antipode):
+    """Rings of nearly half the circumference put their boundary close to the centre's
+    antipode; the promise of 1 m holds there too. A device ``from_antipode`` metres from
+    the antipode of (0, 0) must be outside a ring 5 m shorter than its distance and
+    inside one 5 m longer."""
+    lat, lng = destination(0.0, 180.0, np.array([from_antipode]), np.array([90.0]))
     index.upsert([1], lat, lng)
     d = float(haversine_m(0.0, 0.0, lat[0], lng[0]))
-    assert HALF_CIRCUMFERENCE_M - d == pytest.approx(3000.0, abs=0.01)
-    assert keys_at(index, 0.0, 0.0, d - 50.0) == set()
-    assert keys_at(index, 0.0, 0.0, d + 50.0) == {(0, 1)}
+    assert HALF_CIRCUMFERENCE_M - d == pytest.approx(from_antipode, abs=0.01)
+    assert keys_at(index, 0.0, 0.0, d - 5.0) == set()
+    assert keys_at(index, 0.0, 0.0, d + 5.0) == {(0, 1)}
+
+
+def test_a_device_111_m_from_the_antipode_is_inside_a_ring_50_m_short_of_half_the_world(index):
+    """The smallest case of the one above: (0, 179.999) is 20,015,003 m from (0, 0),
+    61 m inside a ring of half the circumference minus 50 m."""
+    index.upsert([1], [0.0], [179.999])
+    assert float(haversine_m(0.0, 0.0, 0.0, 179.999)) < HALF_CIRCUMFERENCE_M - 50.0 - 60.0
+    assert keys_at(index, 0.0, 0.0, HALF_CIRCUMFERENCE_M - 50.0) == {(0, 1)}
 
 
 # --- keys -----------------------------------------------------------------------------
@@ -213,7 +218,7 @@ def test_the_extreme_ids_and_gateway_round_trip(index):
     index.upsert(ids, [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], gateway=[0, 65535, 65535])
     assert keys_at(index, 1.0, 2.0, 0.0) == {(0, 0), (65535, top), (65535, 2**63)}
     devices = index.devices()
-    assert sorted(zip(devices["gateway"].tolist(), devices["device_id"].tolist())) == [
+    assert sorted(zip(devices["gateway"].tolist(), devices["device_id"].tolist(), strict=True)) == [
         (0, 0),
         (65535, 2**63),
         (65535, top),
@@ -445,6 +450,24 @@ def test_a_nan_now_never_resurrects_removed_or_moved_devices(index, clock):
             assert "now" in str(error)
         else:
             assert found.size == 0, f"dead slot answered at ({lat}, 20): {found}"
+    record = engine.AlertRecord()
+    try:
+        out = index.new_recipients(record, [10.0, 11.0], [20.0, 20.0], 1000.0, now=math.nan)
+    except ValueError as error:
+        assert "now" in str(error)
+    else:
+        assert not any(ids.size for ids in out.values()), f"dead slots notified: {out}"
+        assert len(record) == 0
+
+
+def test_strided_views_and_foreign_byte_order_are_read_correctly(index):
+    """Arrays that are views with steps, or big-endian, are converted, not misread."""
+    ids = np.arange(10, dtype=">u8")[::2]
+    lat = np.linspace(-80.0, 80.0, 10).astype(">f8")[::2]
+    lng = np.linspace(170.0, -170.0, 10)[::-2]
+    index.upsert(ids, lat, lng, gateway=np.array([1, 2, 3, 4, 5], dtype=">u2"))
+    for i, gateway in enumerate([1, 2, 3, 4, 5]):
+        assert keys_at(index, float(lat[i]), float(lng[i]), 0.0) == {(gateway, int(ids[i]))}
 
 
 # --- bad input ------------------------------------------------------------------------

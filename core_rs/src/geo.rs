@@ -65,36 +65,55 @@ pub fn haversine_m(lat1: f64, lng1: f64, lat2: f64, lng2: f64) -> f64 {
 }
 
 /// A disk on the sphere, ready for per-device tests in fixed point.
+///
+/// The chord of an angle near pi barely changes with the angle (its slope is
+/// `cos(angle / 2)`), so at fixed-point resolution it cannot place a boundary near the
+/// far side of the Earth. A disk wider than a hemisphere is therefore tested from the
+/// antipode of its centre: a point is inside when its chord to the antipode is at least
+/// the chord of `pi - angle`, where the chord is precise again.
 #[derive(Clone, Copy, Debug)]
 pub struct Disk {
     /// Centre as a float64 unit vector.
     pub centre: [f64; 3],
-    /// Centre rounded to fixed point exactly like a device at the same place, so a
-    /// device reported at the centre is at distance zero (radius 0 finds it).
-    pub centre_fixed: FixedVec,
     /// Radius as a central angle in radians.
     pub angle: f64,
-    /// Squared chord of the radius in fixed-point units; `f64::INFINITY` when the disk
-    /// is the whole sphere.
-    chord2: f64,
+    /// The point chords are measured from: the centre rounded to fixed point exactly
+    /// like a device at the same place (so radius 0 finds a device at the centre), or
+    /// its antipode for disks wider than a hemisphere.
+    pivot: FixedVec,
+    /// Squared chord of the boundary from the pivot, in fixed-point units.
+    boundary2: f64,
+    /// +1 when inside means within `boundary2` of the pivot, -1 when it means beyond.
+    side: f64,
+    /// The disk covers the whole sphere.
+    everything: bool,
+}
+
+/// Squared chord, in fixed-point units, of a central angle within [0, pi].
+fn chord2(angle: f64) -> f64 {
+    let chord = 2.0 * (angle / 2.0).sin() * UNIT;
+    chord * chord
 }
 
 impl Disk {
     /// Disk of `radius_m` metres around a latitude and longitude in degrees.
     pub fn new(lat_deg: f64, lng_deg: f64, radius_m: f64) -> Self {
+        use std::f64::consts::{FRAC_PI_2, PI};
         let angle = angle_of_metres(radius_m);
-        let chord2 = if angle >= std::f64::consts::PI {
-            f64::INFINITY
+        let centre_fixed = fixed_vector(lat_deg, lng_deg);
+        let (pivot, boundary2, side) = if angle <= FRAC_PI_2 {
+            (centre_fixed, chord2(angle), 1.0)
         } else {
-            // chord = 2 sin(angle / 2), monotonic on [0, pi].
-            let chord = 2.0 * (angle / 2.0).sin() * UNIT;
-            chord * chord
+            let antipode = [-centre_fixed[0], -centre_fixed[1], -centre_fixed[2]];
+            (antipode, chord2((PI - angle).max(0.0)), -1.0)
         };
         Self {
             centre: unit_vector(lat_deg, lng_deg),
-            centre_fixed: fixed_vector(lat_deg, lng_deg),
             angle,
-            chord2,
+            pivot,
+            boundary2,
+            side,
+            everything: angle >= PI,
         }
     }
 
@@ -102,15 +121,15 @@ impl Disk {
     #[inline(always)]
     pub fn contains(&self, p: &FixedVec) -> bool {
         // Differences of i32 are exact in i64 and in f64 (below 2^53).
-        let dx = (i64::from(p[0]) - i64::from(self.centre_fixed[0])) as f64;
-        let dy = (i64::from(p[1]) - i64::from(self.centre_fixed[1])) as f64;
-        let dz = (i64::from(p[2]) - i64::from(self.centre_fixed[2])) as f64;
-        dx * dx + dy * dy + dz * dz <= self.chord2
+        let dx = (i64::from(p[0]) - i64::from(self.pivot[0])) as f64;
+        let dy = (i64::from(p[1]) - i64::from(self.pivot[1])) as f64;
+        let dz = (i64::from(p[2]) - i64::from(self.pivot[2])) as f64;
+        self.everything || self.side * (dx * dx + dy * dy + dz * dz - self.boundary2) <= 0.0
     }
 
     /// Whether the disk is the whole sphere.
     pub fn is_everything(&self) -> bool {
-        self.chord2.is_infinite()
+        self.everything
     }
 }
 
@@ -122,7 +141,7 @@ mod tests {
     fn chord_test_agrees_with_haversine_away_from_the_boundary() {
         let places = [(0.0, 0.0), (89.99, 10.0), (-90.0, 0.0), (10.0, 179.999), (39.9, 116.4)];
         for &(lat, lng) in &places {
-            for &radius in &[0.5, 10.0, 1000.0, 3000.0, 500_000.0, 19_000_000.0] {
+            for &radius in &[0.5, 10.0, 1000.0, 3000.0, 500_000.0, 1.2e7, 19_000_000.0, 2.0e7] {
                 let disk = Disk::new(lat, lng, radius);
                 for k in 0..200 {
                     let dlat = ((k * 37) % 200) as f64 / 100.0 - 1.0;
@@ -138,6 +157,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn boundaries_near_the_antipode_are_placed_to_the_metre() {
+        use std::f64::consts::PI;
+        // A device 60 m from the far side of the Earth, rings ending 2 m either side.
+        let (lat, lng) = (0.0, 180.0 - 60.0 / EARTH_RADIUS_M * 180.0 / PI);
+        let d = haversine_m(0.0, 0.0, lat, lng);
+        let p = fixed_vector(lat, lng);
+        assert!(Disk::new(0.0, 0.0, d + 2.0).contains(&p));
+        assert!(!Disk::new(0.0, 0.0, d - 2.0).contains(&p));
+        assert!(Disk::new(0.0, 0.0, PI * EARTH_RADIUS_M).contains(&fixed_vector(0.0, 180.0)));
     }
 
     #[test]

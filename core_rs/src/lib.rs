@@ -89,6 +89,28 @@ impl AlertRecord {
     }
 }
 
+/// Checks the engine's clock reading.
+fn check_now(now: f64) -> Result<(), InputError> {
+    if now.is_finite() && now >= 0.0 {
+        return Ok(());
+    }
+    Err(InputError::Scalar {
+        name: "now",
+        reason: "must be a finite Unix time in seconds",
+        value: now,
+    })
+}
+
+/// Checks latitudes and longitudes in degrees.
+fn check_coordinates(lat: &[f64], lng: &[f64]) -> Result<(), InputError> {
+    check_all("lat", lat, "are not finite degrees within [-90, 90]", |v| {
+        (-90.0..=90.0).contains(&v)
+    })?;
+    check_all("lng", lng, "are not finite degrees within [-180, 180]", |v| {
+        (-180.0..=180.0).contains(&v)
+    })
+}
+
 /// Checks one query centre and radius.
 fn check_disk(lat: f64, lng: f64, radius_m: f64) -> Result<Disk, InputError> {
     if !(-90.0..=90.0).contains(&lat) {
@@ -144,8 +166,9 @@ impl LocationIndex {
     }
 
     /// First second at which a report is still live at `now` (never 0: dead slots).
-    fn cutoff(&self, now: f64) -> u32 {
-        (now - f64::from(self.ttl_s)).ceil().clamp(1.0, f64::from(u32::MAX)) as u32
+    fn cutoff(&self, now: f64) -> Result<u32, InputError> {
+        check_now(now)?;
+        Ok((now - f64::from(self.ttl_s)).ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
     }
 
     /// Applies location reports: one value per device in `ids`, `lat`, `lng` and `seen`
@@ -169,12 +192,8 @@ impl LocationIndex {
         if gateways.len() != n && gateways.len() != 1 {
             return Err(InputError::Length { name: "gateway", got: gateways.len(), expected: n });
         }
-        check_all("lat", lat, "are not finite degrees within [-90, 90]", |v| {
-            (-90.0..=90.0).contains(&v)
-        })?;
-        check_all("lng", lng, "are not finite degrees within [-180, 180]", |v| {
-            (-180.0..=180.0).contains(&v)
-        })?;
+        check_now(now)?;
+        check_coordinates(lat, lng)?;
         check_all("seen_at", seen, "are not Unix times in seconds from 1 to 2^32 - 1", |v| {
             (1.0..4_294_967_296.0).contains(&v)
         })?;
@@ -188,10 +207,11 @@ impl LocationIndex {
         // still, but queries may go on; only writing shuts them out.
         let storage = self.store.read().storage_resolution();
         let prepared = Store::prepare(storage, &batch);
+        let cutoff = self.cutoff(now)?;
         let store = self.store.upgradable_read();
         let located = store.locate(&batch, &prepared);
         let mut store = RwLockUpgradableReadGuard::upgrade(store);
-        Ok(store.apply(&batch, &prepared, &located))
+        Ok(store.apply(&batch, &prepared, &located, cutoff))
     }
 
     /// Forgets devices now. Without `gateways`, an id is forgotten on every gateway
@@ -221,17 +241,18 @@ impl LocationIndex {
     }
 
     /// Drops devices whose last report is older than the time-to-live. Returns how many.
-    pub fn expire(&self, now: f64) -> usize {
-        self.store.write().expire(self.cutoff(now))
+    pub fn expire(&self, now: f64) -> Result<usize, InputError> {
+        let cutoff = self.cutoff(now)?;
+        Ok(self.store.write().expire(cutoff))
     }
 
     /// Live devices at `now` (drops the expired ones first).
-    pub fn live(&self, now: f64) -> usize {
-        let cutoff = self.cutoff(now);
+    pub fn live(&self, now: f64) -> Result<usize, InputError> {
+        let cutoff = self.cutoff(now)?;
         if let Some(n) = self.store.read().live_if_none_expired(cutoff) {
-            return n;
+            return Ok(n);
         }
-        self.store.write().live(cutoff)
+        Ok(self.store.write().live(cutoff))
     }
 
     /// Bytes of memory the index holds.
@@ -289,7 +310,7 @@ impl LocationIndex {
     ) -> Result<Vec<u64>, InputError> {
         let disk = check_disk(lat, lng, radius_m)?;
         let store = self.store.read();
-        Ok(Self::collect(&store, &disk, self.cutoff(now), |s, slot| s.id(slot)))
+        Ok(Self::collect(&store, &disk, self.cutoff(now)?, |s, slot| s.id(slot)))
     }
 
     /// Gateway and id of the live devices within `radius_m` metres of a centre.
@@ -302,7 +323,7 @@ impl LocationIndex {
     ) -> Result<Vec<DeviceKey>, InputError> {
         let disk = check_disk(lat, lng, radius_m)?;
         let store = self.store.read();
-        Ok(Self::collect(&store, &disk, self.cutoff(now), |s, slot| s.key(slot)))
+        Ok(Self::collect(&store, &disk, self.cutoff(now)?, |s, slot| s.key(slot)))
     }
 
     /// The live devices within `radius_m` metres of any of the centres that `record`
@@ -315,11 +336,14 @@ impl LocationIndex {
         radius_m: f64,
         now: f64,
     ) -> Result<BTreeMap<u16, Vec<u64>>, InputError> {
+        let lats: Vec<f64> = centres.iter().map(|c| c.0).collect();
+        let lngs: Vec<f64> = centres.iter().map(|c| c.1).collect();
+        check_coordinates(&lats, &lngs)?;
         let disks: Vec<Disk> = centres
             .iter()
             .map(|&(lat, lng)| check_disk(lat, lng, radius_m))
             .collect::<Result<_, _>>()?;
-        let cutoff = self.cutoff(now);
+        let cutoff = self.cutoff(now)?;
         let store = self.store.read();
         let mut notified = record.notified.lock();
         let mut out: BTreeMap<u16, Vec<u64>> = BTreeMap::new();

@@ -20,7 +20,7 @@ fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArray1<'_, T>) -> P
 }
 
 /// Devices notified for one alert, by gateway.
-#[pyclass(module = "engine._core", name = "AlertRecord", frozen)]
+#[pyclass(module = "engine._core", name = "AlertRecord", frozen, subclass)]
 struct PyAlertRecord(CoreRecord);
 
 #[pymethods]
@@ -161,12 +161,12 @@ impl PyIndex {
         Ok(out)
     }
 
-    fn expire(&self, py: Python<'_>, now: f64) -> usize {
-        py.detach(|| self.0.expire(now))
+    fn expire(&self, py: Python<'_>, now: f64) -> PyResult<usize> {
+        py.detach(|| self.0.expire(now)).map_err(value_error)
     }
 
-    fn live(&self, py: Python<'_>, now: f64) -> usize {
-        py.detach(|| self.0.live(now))
+    fn live(&self, py: Python<'_>, now: f64) -> PyResult<usize> {
+        py.detach(|| self.0.live(now)).map_err(value_error)
     }
 
     fn memory_bytes(&self) -> usize {

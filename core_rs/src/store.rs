@@ -73,15 +73,17 @@ impl Batch<'_> {
     }
 }
 
-/// What a batch of reports did.
+/// What a batch of reports did. Each device reported counts once, in `added` or
+/// `updated` when a report of it was applied, in `stale` otherwise; its further reports
+/// in the batch count in `stale`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UpsertOutcome {
-    /// Devices seen for the first time (or again after removal or expiry).
+    /// Devices new to the index, or back after removal or expiry.
     pub added: usize,
-    /// Known devices whose position was replaced.
+    /// Live devices whose position was replaced.
     pub updated: usize,
-    /// Reports older than what the index already holds for the device, or repeated in
-    /// the batch with an older or equal time: ignored.
+    /// Reports older than what the index held, and further reports of a device already
+    /// counted in the batch.
     pub stale: usize,
 }
 
@@ -383,11 +385,15 @@ impl Store {
     /// resolution and located by [`Store::locate`] on the store as it is. A report older
     /// than the stored position of its device is ignored; within the batch the newest
     /// report of a device wins (the later one on equal times).
+    ///
+    /// Each device reported counts once in the outcome, as added (new, or held but
+    /// last seen before `cutoff`), updated, or stale; its other reports count as stale.
     pub fn apply(
         &mut self,
         batch: &Batch<'_>,
         prepared: &[Prepared],
         located: &[(u32, bool)],
+        cutoff: u32,
     ) -> UpsertOutcome {
         assert_eq!(batch.len(), prepared.len());
         assert_eq!(batch.len(), located.len());
@@ -402,7 +408,10 @@ impl Store {
         // new slot. The key table itself is updated afterwards, shard by shard, so a
         // device reported twice in the batch is followed through `moved`.
         let mut outcome = UpsertOutcome::default();
-        let done = self.rewrite_in_place(batch, prepared, located, &mut outcome);
+        let done = self.rewrite_in_place(batch, prepared, located, cutoff, &mut outcome);
+        let mut new_devices = 0;
+        // Held devices already counted in this batch, by their slot before it.
+        let mut counted: hashbrown::HashSet<u32> = hashbrown::HashSet::new();
         let first_new = self.slab.len() as u32;
         let mut moved: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
         let mut fresh: Vec<Vec<(u64, u32)>> = vec![Vec::new(); SHARDS];
@@ -422,17 +431,26 @@ impl Store {
                 same_cell = self.cell_of(slot) == cell;
             }
             if slot == NO_SLOT {
-                outcome.added += 1;
+                new_devices += 1;
                 let new = self.append(batch.key(i), position, seen, cell);
                 fresh[shard_of(hash)].push((hash, new));
-            } else if seen < self.slab.seen[slot as usize] {
+                continue;
+            }
+            let held = self.slab.seen[slot as usize];
+            if seen < held || !counted.insert(found) {
                 outcome.stale += 1;
-            } else if same_cell {
+            } else if held < cutoff {
+                outcome.added += 1;
+            } else {
                 outcome.updated += 1;
+            }
+            if seen < held {
+                continue;
+            }
+            if same_cell {
                 self.slab.positions[slot as usize] = position;
                 self.slab.seen[slot as usize] = seen;
             } else {
-                outcome.updated += 1;
                 self.slab.seen[slot as usize] = 0;
                 self.dead += 1;
                 let new = self.append(batch.key(i), position, seen, cell);
@@ -487,10 +505,11 @@ impl Store {
         for slot in losers.into_iter().flatten() {
             self.slab.seen[slot as usize] = 0;
             self.dead += 1;
-            outcome.added -= 1;
+            new_devices -= 1;
             outcome.stale += 1;
         }
-        self.stored += outcome.added;
+        self.stored += new_devices;
+        outcome.added += new_devices;
 
         // Index the tail by cell, or fold it into the prefix when it has grown.
         if self.worth_compacting() {
@@ -515,6 +534,7 @@ impl Store {
         batch: &Batch<'_>,
         prepared: &[Prepared],
         located: &[(u32, bool)],
+        cutoff: u32,
         outcome: &mut UpsertOutcome,
     ) -> Vec<bool> {
         use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
@@ -533,7 +553,8 @@ impl Store {
         });
         let positions = SharedColumn::new(&mut self.slab.positions);
         let seens = SharedColumn::new(&mut self.slab.seen);
-        // 0: left to the ordered loop, 1: rewritten, 2: stale.
+        // 0: left to the ordered loop, 1: rewritten, 2: stale, 3: rewritten, and the
+        // device had expired (it counts as added).
         let results: Vec<u8> = (0..batch.len())
             .into_par_iter()
             .map(|i| {
@@ -548,8 +569,12 @@ impl Store {
                     if seen < seens.get(slot) {
                         return 2;
                     }
+                    let held = seens.get(slot);
                     positions.set(slot, prepared[i].2);
                     seens.set(slot, seen);
+                    if held < cutoff {
+                        return 3;
+                    }
                 }
                 1
             })
@@ -557,8 +582,12 @@ impl Store {
         let mut done = Vec::with_capacity(results.len());
         for (i, &r) in results.iter().enumerate() {
             match r {
-                1 => {
-                    outcome.updated += 1;
+                1 | 3 => {
+                    if r == 1 {
+                        outcome.updated += 1;
+                    } else {
+                        outcome.added += 1;
+                    }
                     self.oldest_seen = self.oldest_seen.min(batch.seen(i));
                 }
                 2 => outcome.stale += 1,
