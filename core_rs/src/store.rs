@@ -17,13 +17,14 @@
 //! it to another cell kills the old slot and appends a new one. When dead and appended
 //! slots pile up, compaction merges the tail into the prefix in one pass.
 
-use crate::cover::{cover_disk, CellRange};
+use crate::cover::{cover_disk, CellRange, Locate};
 use crate::error::InputError;
 use crate::geo::{fixed_vector, Disk, FixedVec};
 use h3o::{LatLng, Resolution};
 use hashbrown::HashTable;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 /// Number of key-table shards (a power of two).
 const SHARDS: usize = 16;
@@ -228,6 +229,30 @@ impl<T: Copy> SharedColumn<T> {
     unsafe fn set(&self, i: usize, value: T) {
         assert!(i < self.len);
         unsafe { *self.ptr.add(i) = value }
+    }
+}
+
+/// Where the store keeps the devices of a range of storage cells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    /// Slots of the sorted prefix.
+    pub prefix: Range<usize>,
+    /// Whether the tail may hold some too.
+    pub in_tail: bool,
+}
+
+impl Locate for Store {
+    type Place = Place;
+
+    fn locate(&self, first: u64, last: u64, within: Option<&Place>) -> Place {
+        let hint = within.map_or(0..self.sorted_len, |p| p.prefix.clone());
+        let in_tail = within.is_none_or(|p| p.in_tail)
+            && self.tail_by_cell.range(first..=last).next().is_some();
+        Place { prefix: self.prefix_slots(first, last, hint), in_tail }
+    }
+
+    fn count(&self, place: &Place) -> usize {
+        place.prefix.len() + usize::from(place.in_tail)
     }
 }
 
@@ -766,8 +791,9 @@ impl Store {
         self.dead = 0;
     }
 
-    /// Slots of the sorted prefix filed in storage cells `[first, last]`.
-    fn prefix_slots(&self, first: u64, last: u64) -> std::ops::Range<usize> {
+    /// Slots of the sorted prefix filed in storage cells `[first, last]`, searched
+    /// within `hint`, a slot range known to contain them.
+    fn prefix_slots(&self, first: u64, last: u64, hint: Range<usize>) -> Range<usize> {
         let g = &self.grouping;
         let (first_group, last_group) = (g.group(first), g.group(last));
         let a = fenced_partition(&self.dir_groups, &self.group_fences, |&c| c < first_group);
@@ -775,32 +801,27 @@ impl Store {
         if a == b {
             return 0..0;
         }
-        let (mut start, mut end) = (self.dir_start[a] as usize, self.dir_start[b] as usize);
-        // The range may start or end inside a group: narrow by the digits there.
+        let mut start = (self.dir_start[a] as usize).max(hint.start);
+        let mut end = (self.dir_start[b] as usize).min(hint.end).max(start);
+        // The range may start or end inside a group: narrow by the digits there, which
+        // are sorted within a group.
         if self.dir_groups[a] == first_group {
             let digits = g.digits(first);
-            let group_end = self.dir_start[a + 1] as usize;
+            let group_end = (self.dir_start[a + 1] as usize).clamp(start, end);
             start += self.slab.digits[start..group_end].partition_point(|&d| d < digits);
         }
         if self.dir_groups[b - 1] == last_group {
             let digits = g.digits(last);
-            let group_start = self.dir_start[b - 1] as usize;
+            let group_start = (self.dir_start[b - 1] as usize).clamp(start, end);
             end =
                 group_start + self.slab.digits[group_start..end].partition_point(|&d| d <= digits);
         }
         start..end.max(start)
     }
 
-    /// Upper bound on the devices filed in storage cells `[first, last]`.
-    fn count(&self, first: u64, last: u64) -> usize {
-        let prefix = self.prefix_slots(first, last).len();
-        let tail = self.tail_by_cell.range(first..=last).next().is_some();
-        prefix + usize::from(tail)
-    }
-
-    /// Cell ranges to scan for `disk`.
-    pub fn cover(&self, disk: &Disk) -> Vec<CellRange> {
-        cover_disk(disk, self.storage, |first, last| self.count(first, last))
+    /// Ranges to scan for `disk`, each with its prefix slots and tail flag.
+    pub fn cover(&self, disk: &Disk) -> Vec<CellRange<Place>> {
+        cover_disk(disk, self.storage, self)
     }
 
     /// Calls `emit(slot)` for every device inside `disk` seen at or after `cutoff`
@@ -808,7 +829,7 @@ impl Store {
     pub fn scan_range(
         &self,
         disk: &Disk,
-        range: &CellRange,
+        range: &CellRange<Place>,
         cutoff: u32,
         mut emit: impl FnMut(usize),
     ) {
@@ -820,10 +841,22 @@ impl Store {
                 emit(slot);
             }
         };
-        self.prefix_slots(range.first, range.last).for_each(&mut visit);
-        for slots in self.tail_by_cell.range(range.first..=range.last).map(|(_, s)| s) {
-            slots.iter().for_each(|&slot| visit(slot as usize));
+        range.place.prefix.clone().for_each(&mut visit);
+        if range.place.in_tail {
+            for slots in self.tail_by_cell.range(range.first..=range.last).map(|(_, s)| s) {
+                slots.iter().for_each(|&slot| visit(slot as usize));
+            }
         }
+    }
+
+    /// Upper bound on the devices a range holds, to split work.
+    pub fn range_size(&self, range: &CellRange<Place>) -> usize {
+        let tail: usize = if range.place.in_tail {
+            self.tail_by_cell.range(range.first..=range.last).map(|(_, s)| s.len()).sum()
+        } else {
+            0
+        };
+        range.place.prefix.len() + tail
     }
 
     /// Device id of a slot.
@@ -836,13 +869,6 @@ impl Store {
     #[inline]
     pub fn key(&self, slot: usize) -> DeviceKey {
         self.slab.key(slot as u32)
-    }
-
-    /// Upper bound on the devices a range holds, to split work.
-    pub fn range_size(&self, range: &CellRange) -> usize {
-        let tail: usize =
-            self.tail_by_cell.range(range.first..=range.last).map(|(_, s)| s.len()).sum();
-        self.prefix_slots(range.first, range.last).len() + tail
     }
 
     /// Every stored device: key, latitude, longitude in degrees, seen (for snapshots).
