@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -53,25 +54,17 @@ def checksum(pop: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def row_of_ids(ids: np.ndarray, n: int) -> np.ndarray:
-    """Population row of each device id (ids are ``ID_BASE`` plus a permutation of
-    ``range(n)``); -1 for an id that is not in the population."""
-    offset = ids.astype(np.uint64, copy=False) - np.uint64(population.ID_BASE)
+def keys_of_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    """Key of each device id: ``id - ID_BASE``, from 0 to n - 1 (ids are ``ID_BASE``
+    plus a permutation of ``range(n)``). Oracle bitmaps are indexed by key, so a peer's
+    answer is checked without a search. An id outside the population gets -1."""
+    offset = np.asarray(ids).astype(np.uint64, copy=False) - np.uint64(population.ID_BASE)
     # Ids below ID_BASE wrap around to huge offsets and are caught by the same test.
     bad = offset >= np.uint64(n)
-    rows = offset.astype(np.int64)
+    keys = offset.astype(np.int64)
     if bad.any():
-        rows[bad] = -1
-    return rows
-
-
-def id_rows(pop_ids: np.ndarray) -> np.ndarray:
-    """Inverse permutation: ``result[id - ID_BASE]`` is the row of that id."""
-    rows = np.empty(pop_ids.size, dtype=np.int64)
-    rows[(pop_ids - np.uint64(population.ID_BASE)).astype(np.int64)] = np.arange(
-        pop_ids.size, dtype=np.int64
-    )
-    return rows
+        keys[bad] = -1
+    return keys
 
 
 def query_centres(pop: dict[str, np.ndarray], count: int, seed: int) -> np.ndarray:
@@ -134,8 +127,41 @@ def _redis_server_version() -> str:
     return out.strip()
 
 
+def _engine_build() -> dict[str, object]:
+    """Which engine was measured: the commit, whether the core or the package had
+    uncommitted changes, and when the extension was built."""
+    import engine
+
+    root = Path(engine.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    built = sorted(Path(engine.__file__).parent.glob("_core*.so"))
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "uncommitted_changes": git("status", "--porcelain", "--", "core_rs", "engine").splitlines(),
+        "extension_built": datetime.datetime.fromtimestamp(
+            built[0].stat().st_mtime, datetime.UTC
+        ).isoformat(timespec="seconds")
+        if built
+        else None,
+    }
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average: above about 1 while one benchmark process
+    runs, something else was competing for the cores."""
+    return round(os.getloadavg()[0], 2)
+
+
 def machine_info() -> dict[str, object]:
-    """Where and with what a benchmark ran: cores, memory, versions, date."""
+    """Where and with what a benchmark ran: cores, memory, versions, date, engine build."""
     import h3
     import matplotlib
     import numba
@@ -160,4 +186,6 @@ def machine_info() -> dict[str, object]:
         "matplotlib": matplotlib.__version__,
         "engine": engine.__version__,
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "engine_build": _engine_build(),
+        "load_average_at_start": load_average(),
     }

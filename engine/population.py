@@ -1,14 +1,14 @@
 """Synthetic device populations for benchmarks and simulations.
 
 Every generator is seeded and deterministic: the same arguments give the same arrays,
-byte for byte, on every run and machine (the per-device work runs in single-threaded
-numba kernels drawing from numpy PCG64 generators seeded per call and stream). Kernels
+byte for byte, on every run (the per-device work runs in single-threaded numba kernels
+drawing from numpy PCG64 generators seeded per call and stream). Kernels
 are compiled on first use and cached on disk, so importing this module costs nothing.
 
 A population is a dict of equal-length columns:
 
-- ``device_id``: uint64, unique; ``device_id - ID_BASE`` is a permutation of
-  ``range(n)``, so a device's row is found without a search.
+- ``device_id``: uint64, unique and shuffled; ``device_id - ID_BASE`` is a permutation
+  of ``range(n)``, so an id indexes an array or bitmap of n entries without a search.
 - ``lat``, ``lng``: float64 degrees.
 - ``gateway``: uint16, the partner app reporting the device: 1, 2 or 3 with shares of
   about 50, 30 and 20 per cent.
@@ -83,12 +83,12 @@ def _destination(lat_deg, lng_deg, bearing, distance_m):
 
 @njit(cache=True)
 def _gateway(u):
-    """Gateway for a uniform draw ``u`` with shares 50/30/20."""
-    if u < 0.5:
-        return 1
-    if u < 0.8:
-        return 2
-    return 3
+    """Gateway for a uniform draw ``u``, by ``GATEWAY_SHARES``."""
+    if u < GATEWAY_SHARES[0]:
+        return GATEWAYS[0]
+    if u < GATEWAY_SHARES[0] + GATEWAY_SHARES[1]:
+        return GATEWAYS[1]
+    return GATEWAYS[2]
 
 
 @njit(cache=True)
