@@ -427,6 +427,9 @@ impl Store {
         } else {
             batch.gateways.iter().for_each(|&g| self.gateway_used[usize::from(g)] = true);
         }
+        if self.slab.len() == 0 && batch.len() > PARALLEL_ABOVE {
+            return self.load_into_empty(batch, prepared);
+        }
 
         // Write the slab in report order. A device found in the key table is rewritten
         // in place, or moved to a new slot when it changes cell; unknown devices get a
@@ -548,6 +551,87 @@ impl Store {
             }
         }
         outcome
+    }
+
+    /// Loads a large batch into an empty store: sorts the reports by cell and writes
+    /// them straight into the sorted prefix, with no tail and no compaction.
+    fn load_into_empty(&mut self, batch: &Batch<'_>, prepared: &[Prepared]) -> UpsertOutcome {
+        let n = batch.len();
+        let mut order: Vec<(u64, u32)> =
+            prepared.par_iter().enumerate().map(|(i, p)| (p.1, i as u32)).collect();
+        order.par_sort_unstable();
+
+        let grouping = self.grouping;
+        self.slab = Slab {
+            ids: order.par_iter().map(|&(_, i)| batch.ids[i as usize]).collect(),
+            gateways: order.par_iter().map(|&(_, i)| batch.key(i as usize).gateway).collect(),
+            positions: order.par_iter().map(|&(_, i)| prepared[i as usize].2).collect(),
+            seen: order.par_iter().map(|&(_, i)| batch.seen(i as usize)).collect(),
+            digits: order.par_iter().map(|&(cell, _)| grouping.digits(cell)).collect(),
+        };
+        let mut dir_groups = Vec::new();
+        let mut dir_start = Vec::new();
+        for (k, &(cell, _)) in order.iter().enumerate() {
+            let group = grouping.group(cell);
+            if dir_groups.last() != Some(&group) {
+                dir_groups.push(group);
+                dir_start.push(k as u32);
+            }
+        }
+        dir_start.push(n as u32);
+        self.group_fences = dir_groups.iter().step_by(FENCE).copied().collect();
+        self.start_fences = dir_start.iter().step_by(FENCE).copied().collect();
+        self.dir_groups = dir_groups;
+        self.dir_start = dir_start;
+        self.sorted_len = n;
+        self.oldest_seen = self.slab.seen.par_iter().copied().min().unwrap_or(u32::MAX);
+
+        // The key table, shard by shard. A device reported twice keeps its newest
+        // report (the later one on equal times); the other slot dies.
+        let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
+        for (slot, &(_, i)) in order.iter().enumerate() {
+            by_shard[shard_of(prepared[i as usize].0)].push(slot as u32);
+        }
+        let slab = &self.slab;
+        let wins = |a: u32, b: u32| {
+            (slab.seen[a as usize], order[a as usize].1)
+                > (slab.seen[b as usize], order[b as usize].1)
+        };
+        let losers: Vec<u32> = self
+            .shards
+            .par_iter_mut()
+            .zip(by_shard.par_iter())
+            .flat_map_iter(|(table, slots)| {
+                let rehash = |&s: &u32| hash_key(slab.key(s));
+                table.reserve(slots.len(), rehash);
+                let mut losers = Vec::new();
+                for &slot in slots {
+                    let key = slab.key(slot);
+                    let hash = prepared[order[slot as usize].1 as usize].0;
+                    match table.entry(hash, |&s| slab.has_key(s, key), rehash) {
+                        hashbrown::hash_table::Entry::Vacant(entry) => {
+                            entry.insert(slot);
+                        }
+                        hashbrown::hash_table::Entry::Occupied(mut entry) => {
+                            let held = *entry.get();
+                            if wins(slot, held) {
+                                *entry.get_mut() = slot;
+                                losers.push(held);
+                            } else {
+                                losers.push(slot);
+                            }
+                        }
+                    }
+                }
+                losers
+            })
+            .collect();
+        for &slot in &losers {
+            self.slab.seen[slot as usize] = 0;
+        }
+        self.dead = losers.len();
+        self.stored = n - losers.len();
+        UpsertOutcome { added: self.stored, updated: 0, stale: losers.len() }
     }
 
     /// Rewrites, on every core, the slots of devices that stay in their cell and are

@@ -295,3 +295,24 @@ fn in_a_large_batch_the_later_of_two_equal_times_wins() {
     assert!(index.within(20.0, 20.0, 1000.0, NOW).unwrap().is_empty());
     assert_eq!(index.within(10.00001, 10.0, 1.0, NOW).unwrap().len(), n);
 }
+
+#[test]
+fn a_first_large_load_keeps_the_newest_report_of_each_device() {
+    let index = LocationIndex::new(10, 1800).unwrap();
+    let n = 30_000usize;
+    // Device i is reported at (10, 10) and, later in the batch, at (20, 20) with the same
+    // time (the later wins) for even i, and an older time (the earlier wins) for odd i.
+    let ids: Vec<u64> = (0..n as u64).chain(0..n as u64).collect();
+    let lat: Vec<f64> = [vec![10.0; n], vec![20.0; n]].concat();
+    let seen: Vec<f64> =
+        (0..2 * n).map(|k| if k >= n && k % 2 == 1 { NOW - 20.0 } else { NOW - 10.0 }).collect();
+    let out = index.upsert(&ids, &[3], &lat, &lat, &seen, NOW).unwrap();
+    assert_eq!((out.added, out.updated, out.stale), (n, 0, n));
+    let mut far = index.within(20.0, 20.0, 10.0, NOW).unwrap();
+    let mut near = index.within(10.0, 10.0, 10.0, NOW).unwrap();
+    far.sort_unstable();
+    near.sort_unstable();
+    assert_eq!(far, (0..n as u64).step_by(2).collect::<Vec<_>>());
+    assert_eq!(near, (1..n as u64).step_by(2).collect::<Vec<_>>());
+    assert_eq!(index.live(NOW).unwrap(), n);
+}
