@@ -266,7 +266,7 @@ impl LocationIndex {
     }
 
     /// Collects `f(store, slot)` for every live device inside `disk`.
-    fn collect<T: Send>(
+    fn collect<T: Copy + Send + Sync>(
         store: &Store,
         disk: &Disk,
         cutoff: u32,
@@ -292,10 +292,25 @@ impl LocationIndex {
                 part
             })
             .collect();
-        let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
-        for part in parts {
-            out.extend(part);
+        // Copy the parts into one vector on every core: at hundreds of megabytes, one
+        // thread copying them costs as much as the scan itself.
+        let total: usize = parts.iter().map(Vec::len).sum();
+        let mut out: Vec<T> = Vec::with_capacity(total);
+        let mut rest = &mut out.spare_capacity_mut()[..total];
+        let mut slices = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let (slice, after) = rest.split_at_mut(part.len());
+            slices.push(slice);
+            rest = after;
         }
+        slices.into_par_iter().zip(parts.par_iter()).for_each(|(slice, part)| {
+            for (dst, &src) in slice.iter_mut().zip(part) {
+                dst.write(src);
+            }
+        });
+        // SAFETY: the slices tile the first `total` spare elements, and each was written
+        // in full from a part of the same length.
+        unsafe { out.set_len(total) };
         out
     }
 

@@ -316,3 +316,17 @@ fn a_first_large_load_keeps_the_newest_report_of_each_device() {
     assert_eq!(near, (1..n as u64).step_by(2).collect::<Vec<_>>());
     assert_eq!(index.live(NOW).unwrap(), n);
 }
+
+#[test]
+fn answers_large_enough_to_scan_on_every_core_are_whole() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let index = LocationIndex::new(10, 1800).unwrap();
+    let mut truth = Truth::new();
+    let points = cluster(&mut rng, 400_000, -23.5, -46.6, 0.3);
+    let keys: Vec<DeviceKey> =
+        (0..points.len() as u64).map(|id| DeviceKey { gateway: (id % 2) as u16, id }).collect();
+    load(&index, &mut truth, &keys, &points, NOW);
+    for radius in [20_000.0, 35_000.0, 2.0e7] {
+        check(&index, &truth, -23.5, -46.6, radius, NOW);
+    }
+}
