@@ -541,7 +541,7 @@ def charts(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel("p95 latency (ms, log)")
         ax.set_title(f"Query latency p95, {kind}, {pop['devices']:,} devices")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         path = out / f"latency_p95_{kind}.png"
         fig.savefig(path, dpi=120)

@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="queries per radius for brute force, which scans every device each time",
     )
     parser.add_argument(
-        "--radii", type=_radii, default=_radii("1,3,10,100"), help="comma-separated radii in km"
+        "--radii", type=_radii, default="1,3,10,100", help="comma-separated radii in km"
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the population and of the query centres"
@@ -102,15 +102,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--peers",
         type=_peers,
-        default=list(common.PEERS),
-        help="comma-separated subset of: " + ", ".join(common.PEERS),
+        default=",".join(common.PEERS),
+        help="comma-separated subset of the peers, any case",
     )
     parser.add_argument(
         "--redis-devices",
         type=_count,
         default=None,
         help="load only this many devices (a random subset) into Redis; its figures are "
-        "then on a smaller population, as the tables say (default: all)",
+        "then on a smaller population, as the tables say; None: all devices",
     )
     parser.add_argument(
         "--budget-s",
