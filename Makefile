@@ -18,7 +18,7 @@ test: lint rust-test python-test
 bench: $(VENV)/.built redis-server
 	$(BIN)/python -m bench.run
 
-# Do 100 million devices fit in memory? (about 10 minutes and 10 GB)
+# Do 100 million devices fit in memory? (about 6 minutes, 8 GB at the peak)
 bench-scale: $(VENV)/.built
 	$(BIN)/python -m bench.run --scale 100000000
 
