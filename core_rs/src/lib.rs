@@ -127,14 +127,20 @@ fn check_disk(lat: f64, lng: f64, radius_m: f64) -> Result<Disk, InputError> {
             value: lng,
         });
     }
-    if !(radius_m >= 0.0 && radius_m.is_finite()) {
-        return Err(InputError::Scalar {
-            name: "radius_m",
-            reason: "must be a finite number of metres, 0 or more",
-            value: radius_m,
-        });
-    }
+    check_radius(radius_m)?;
     Ok(Disk::new(lat, lng, radius_m))
+}
+
+/// Checks a ring radius in metres.
+fn check_radius(radius_m: f64) -> Result<(), InputError> {
+    if radius_m >= 0.0 && radius_m.is_finite() {
+        return Ok(());
+    }
+    Err(InputError::Scalar {
+        name: "radius_m",
+        reason: "must be a finite number of metres, 0 or more",
+        value: radius_m,
+    })
 }
 
 /// The live location index.
@@ -355,10 +361,9 @@ impl LocationIndex {
         let lats: Vec<f64> = centres.iter().map(|c| c.0).collect();
         let lngs: Vec<f64> = centres.iter().map(|c| c.1).collect();
         check_coordinates(&lats, &lngs)?;
-        let disks: Vec<Disk> = centres
-            .iter()
-            .map(|&(lat, lng)| check_disk(lat, lng, radius_m))
-            .collect::<Result<_, _>>()?;
+        check_radius(radius_m)?;
+        let disks: Vec<Disk> =
+            centres.iter().map(|&(lat, lng)| Disk::new(lat, lng, radius_m)).collect();
         let cutoff = self.cutoff(now)?;
         let store = self.store.read();
         let mut notified = record.notified.lock();
