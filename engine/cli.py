@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from engine import tools
+
 #: The ring schedule of a local alert: (radius in metres, duration in seconds).
 LOCAL_SCHEDULE = ((1_000.0, 3_600.0), (2_000.0, 3_600.0), (3_000.0, 3_600.0))
 
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=7, help="random seed of the population (7)")
     run.set_defaults(handler=demo)
+    tools.add_commands(commands)
     return parser
 
 
