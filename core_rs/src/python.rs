@@ -39,6 +39,16 @@ impl PyAlertRecord {
         Ok(py.detach(|| self.0.add(gateway, ids)))
     }
 
+    fn add_new<'py>(
+        &self,
+        py: Python<'py>,
+        gateway: u16,
+        ids: PyReadonlyArray1<'_, u64>,
+    ) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let ids = slice("device_id", &ids)?;
+        Ok(py.detach(|| self.0.add_new(gateway, ids)).into_pyarray(py))
+    }
+
     fn contains(&self, gateway: u16, id: u64) -> bool {
         self.0.contains(gateway, id)
     }
