@@ -1,0 +1,217 @@
+"""Per-gateway delivery queues: ordered, acknowledged, resumable, paced.
+
+Each gateway has one :class:`Outbox`. Messages wait in ``queued`` until a connection sends
+them; sending gives a message the gateway's next sequence number and moves it to
+``unacked``, where it stays until the gateway acks that number (acks are cumulative).
+A new connection starts again after the last ack, so a gateway that drops its stream
+receives every message it had not acknowledged. Messages that never left the engine can
+be withdrawn (an alert closed before they went out); sequence numbers are given at the
+first send, so withdrawing leaves no gap.
+
+Everything here runs on the server's event loop thread; nothing is shared with other
+threads, so there are no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from engine import wire
+from engine.api import gateway_pb2
+
+#: Messages a gateway may leave unacknowledged unless it asks for another window.
+DEFAULT_WINDOW = 64
+#: Largest window a gateway may ask for.
+MAX_WINDOW = 4096
+
+KIND_ALERT = gateway_pb2.MESSAGE_KIND_ALERT
+KIND_RECIPIENTS = gateway_pb2.MESSAGE_KIND_RECIPIENTS
+KIND_CLOSED = gateway_pb2.MESSAGE_KIND_CLOSED
+KIND_FOLLOW_UP = gateway_pb2.MESSAGE_KIND_FOLLOW_UP
+
+_DEVICE_IDS_FIELD = gateway_pb2.GatewayMessage.DESCRIPTOR.fields_by_name["device_ids"].number
+
+
+@dataclass(eq=False)
+class Entry:
+    """One message for one gateway. ``header`` holds every field but the sequence number
+    and the device ids, which are added when it is first sent."""
+
+    kind: int
+    alert_id: str
+    header: gateway_pb2.GatewayMessage
+    stage: int = 0
+    ids: np.ndarray | None = None
+    gateway: int = 0
+    sequence: int = 0
+    data: bytes = b""
+    sent_at: float = 0.0
+
+    @property
+    def devices(self) -> int:
+        return 0 if self.ids is None else int(self.ids.size)
+
+    def encode(self, sequence: int) -> bytes:
+        self.sequence = sequence
+        self.header.sequence = sequence
+        tail = b"" if self.ids is None else wire.packed(_DEVICE_IDS_FIELD, self.ids)
+        self.data = self.header.SerializeToString() + tail
+        return self.data
+
+
+@dataclass(eq=False)
+class Connection:
+    """One Subscribe stream of a gateway."""
+
+    rate: float  # devices a second, 0 for no limit
+    window: int
+    sent_upto: int  # highest sequence sent on this stream
+    replaced: bool = False
+    tokens: float = 0.0
+    refilled: float = field(default_factory=time.monotonic)
+
+
+class Outbox:
+    """The delivery queue of one gateway.
+
+    ``on_sent(entry)`` is called the first time an entry goes out; ``on_acked(entry,
+    latency_s)`` when the gateway acknowledges it; the alerts use them to count
+    progress.
+    """
+
+    def __init__(
+        self,
+        gateway_id: int,
+        on_sent: Callable[[Entry], None],
+        on_acked: Callable[[Entry, float], None],
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.queued: deque[Entry] = deque()
+        self.unacked: deque[Entry] = deque()
+        self.next_sequence = 1
+        self.acked = 0
+        self.connection: Connection | None = None
+        self.wakeup = asyncio.Event()
+        #: Payload version each alert's ALERT message was last queued with.
+        self.payload_versions: dict[str, int] = {}
+        self._on_sent = on_sent
+        self._on_acked = on_acked
+
+    # Queueing (from the alerts).
+
+    def put(self, entry: Entry) -> None:
+        self.queued.append(entry)
+        self.wakeup.set()
+
+    def withdraw(self, alert_id: str, kind: int) -> list[Entry]:
+        """Removes the queued (never sent) entries of one alert and kind."""
+        kept, removed = deque(), []
+        for entry in self.queued:
+            (removed if entry.alert_id == alert_id and entry.kind == kind else kept).append(entry)
+        self.queued = kept
+        return removed
+
+    def pending(self) -> int:
+        """Messages queued or sent but not acknowledged."""
+        return len(self.queued) + len(self.unacked)
+
+    # Connections.
+
+    def attach(self, rate: float, window: int) -> Connection:
+        """A new stream: it replaces any other and starts after the last ack."""
+        if self.connection is not None:
+            self.connection.replaced = True
+        self.connection = Connection(rate=rate, window=window, sent_upto=self.acked)
+        self.connection.tokens = self._burst(self.connection)
+        self.wakeup.set()
+        return self.connection
+
+    def detach(self, connection: Connection) -> None:
+        if self.connection is connection:
+            self.connection = None
+
+    @staticmethod
+    def _burst(connection: Connection) -> float:
+        return max(connection.rate, 1.0)
+
+    def next_message(self, connection: Connection) -> tuple[Entry | None, float]:
+        """The next entry to send on ``connection`` and 0, or ``None`` and the seconds to
+        wait before trying again (``inf``: until something changes)."""
+        if connection.replaced:
+            return None, float("inf")
+        if connection.sent_upto - self.acked >= connection.window:
+            return None, float("inf")
+        index = connection.sent_upto - self.acked
+        if index < len(self.unacked):
+            entry = self.unacked[index]
+        elif self.queued:
+            entry = self.queued[0]
+        else:
+            return None, float("inf")
+
+        # Pacing: a token bucket refilled at the declared rate, holding a second's worth.
+        if connection.rate > 0 and entry.devices:
+            now = time.monotonic()
+            connection.tokens = min(
+                self._burst(connection),
+                connection.tokens + (now - connection.refilled) * connection.rate,
+            )
+            connection.refilled = now
+            # A batch larger than the bucket goes out once the bucket is full and leaves
+            # it in debt, so the average rate holds whatever the batch size.
+            need = min(entry.devices, self._burst(connection))
+            if connection.tokens < need:
+                return None, (need - connection.tokens) / connection.rate
+            connection.tokens -= entry.devices
+
+        if index >= len(self.unacked):
+            self.queued.popleft()
+            entry.encode(self.next_sequence)
+            self.next_sequence += 1
+            entry.sent_at = time.monotonic()
+            self.unacked.append(entry)
+            self._on_sent(entry)
+        connection.sent_upto = entry.sequence
+        return entry, 0.0
+
+    def ack(self, sequence: int) -> None:
+        """Acknowledges every message up to ``sequence``; raises ``ValueError`` for a
+        number behind the last ack or beyond the last message sent."""
+        if sequence < self.acked:
+            raise ValueError(f"ack {sequence} is behind the last ack, {self.acked}")
+        last_sent = self.next_sequence - 1
+        if sequence > last_sent:
+            raise ValueError(f"ack {sequence} is beyond the last message sent, {last_sent}")
+        now = time.monotonic()
+        while self.unacked and self.unacked[0].sequence <= sequence:
+            entry = self.unacked.popleft()
+            self._on_acked(entry, now - entry.sent_at)
+        self.acked = sequence
+        self.wakeup.set()
+
+    def devices_ahead(self, alert_id: str, stage: int) -> int | None:
+        """Devices to hand over before the last queued entry of one alert's stage is
+        sent, that entry included; ``None`` when none of it is queued."""
+        total, through = 0, None
+        for entry in self.queued:
+            total += entry.devices
+            if (
+                entry.alert_id == alert_id
+                and entry.stage == stage
+                and entry.kind == KIND_RECIPIENTS
+            ):
+                through = total
+        return through
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp

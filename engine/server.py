@@ -1,0 +1,680 @@
+"""The gRPC server: AlertService, LocationService, GatewayService, health, reflection.
+
+This layer checks every request and turns it into calls on the
+:class:`~engine.alerts.Dispatcher` and the :class:`~engine.index.LocationIndex`; errors
+become gRPC status codes whose message names the field. The server runs on one asyncio
+event loop; ingest and ring queries run in thread pools (the Rust core releases the GIL).
+
+``EngineServer`` is the server; ``ServerThread`` runs one in a background thread for tests,
+the demo and benchmarks; ``serve`` is ``tuanyuan serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine import schedules
+from engine.alerts import AlertError, Dispatcher
+from engine.api import alert_pb2, alert_pb2_grpc, gateway_pb2, location_pb2
+from engine.clock import Clock
+from engine.delivery import DEFAULT_WINDOW, MAX_WINDOW
+from engine.index import DEFAULT_RESOLUTION, DEFAULT_TTL_S, LocationIndex
+from engine.metrics import Metrics
+from engine.schedules import Schedule, ScheduleError
+
+_LOG = logging.getLogger("engine.server")
+
+#: Largest message either side may send, in bytes (a batch of 2.5 million devices).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_CENTRES = 16
+MAX_LABEL_BYTES = 200
+MAX_TEXTS = 16
+MAX_PAYLOAD_TEXT_BYTES = 64 * 1024
+MAX_NOTICE_BYTES = 1024
+MAX_PHOTOS = 8
+MAX_URL_BYTES = 2048
+MAX_AGE_YEARS = 17
+MAX_HEIGHT_CM = 250
+#: How far ahead an alert's start may be, in seconds.
+MAX_START_AHEAD_S = 24 * 3600
+MAX_FORGET = 1_000_000
+MAX_GATEWAY = 65535
+_ALERT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_INDEX_FIELDS = {
+    "device_id": "device_ids",
+    "lat": "latitudes",
+    "lng": "longitudes",
+    "seen_at": "observed_at",
+}
+
+SERVICES = (
+    alert_pb2.DESCRIPTOR.services_by_name["AlertService"].full_name,
+    location_pb2.DESCRIPTOR.services_by_name["LocationService"].full_name,
+    gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+)
+
+
+class Invalid(AlertError):
+    """INVALID_ARGUMENT; the message starts with the field."""
+
+
+# Checks of requests. Each raises Invalid naming the field path.
+
+
+def _check_alert_id(alert_id: str) -> None:
+    if not _ALERT_ID.fullmatch(alert_id):
+        raise Invalid(
+            f"alert_id must be 1 to 128 letters, digits, '-', '_', '.' or ':', got {alert_id!r}"
+        )
+
+
+def _centres(centres, path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if not 1 <= len(centres) <= MAX_CENTRES:
+        raise Invalid(f"{path}: an alert has 1 to {MAX_CENTRES} centres, got {len(centres)}")
+    for i, centre in enumerate(centres):
+        where = f"{path}[{i}]"
+        if not (math.isfinite(centre.latitude) and -90 <= centre.latitude <= 90):
+            raise Invalid(f"{where}.latitude must be within [-90, 90], got {centre.latitude}")
+        if not (math.isfinite(centre.longitude) and -180 <= centre.longitude <= 180):
+            raise Invalid(f"{where}.longitude must be within [-180, 180], got {centre.longitude}")
+        if len(centre.label.encode()) > MAX_LABEL_BYTES:
+            raise Invalid(f"{where}.label is longer than {MAX_LABEL_BYTES} bytes")
+    return (
+        np.array([c.latitude for c in centres], dtype=np.float64),
+        np.array([c.longitude for c in centres], dtype=np.float64),
+        [c.label for c in centres],
+    )
+
+
+def _payload(payload: alert_pb2.AlertPayload, path: str, now: float) -> None:
+    if not 1 <= len(payload.texts) <= MAX_TEXTS:
+        raise Invalid(f"{path}.texts: give 1 to {MAX_TEXTS} languages, got {len(payload.texts)}")
+    seen, size = set(), 0
+    for i, text in enumerate(payload.texts):
+        if not text.language or len(text.language) > 35:
+            raise Invalid(f"{path}.texts[{i}].language must be a BCP 47 tag such as 'zh-Hans'")
+        if text.language in seen:
+            raise Invalid(f"{path}.texts[{i}].language {text.language!r} appears twice")
+        seen.add(text.language)
+        if not text.name:
+            raise Invalid(f"{path}.texts[{i}].name is empty")
+        size += text.ByteSize()
+    if size > MAX_PAYLOAD_TEXT_BYTES:
+        raise Invalid(f"{path}.texts: {size} bytes, more than {MAX_PAYLOAD_TEXT_BYTES}")
+    if payload.age_years > MAX_AGE_YEARS:
+        raise Invalid(f"{path}.age_years must be 0 to {MAX_AGE_YEARS}, got {payload.age_years}")
+    if payload.sex not in alert_pb2.Sex.values():
+        raise Invalid(f"{path}.sex: unknown value {payload.sex}")
+    if payload.height_cm > MAX_HEIGHT_CM:
+        raise Invalid(f"{path}.height_cm must be 0 to {MAX_HEIGHT_CM}, got {payload.height_cm}")
+    if len(payload.photo_urls) > MAX_PHOTOS:
+        raise Invalid(f"{path}.photo_urls: at most {MAX_PHOTOS}, got {len(payload.photo_urls)}")
+    for i, url in enumerate(payload.photo_urls):
+        if not url.startswith("https://") or len(url) > MAX_URL_BYTES:
+            raise Invalid(f"{path}.photo_urls[{i}] must be an https URL of at most 2 KiB")
+    if payload.HasField("last_seen_at") and payload.last_seen_at.ToNanoseconds() / 1e9 > now + 300:
+        raise Invalid(f"{path}.last_seen_at is in the future")
+
+
+def _notices(notices, path: str) -> None:
+    seen = set()
+    for i, notice in enumerate(notices):
+        if not notice.language or notice.language in seen:
+            raise Invalid(f"{path}[{i}].language must be a BCP 47 tag, once per language")
+        seen.add(notice.language)
+        if not notice.text or len(notice.text.encode()) > MAX_NOTICE_BYTES:
+            raise Invalid(f"{path}[{i}].text must be 1 byte to {MAX_NOTICE_BYTES} bytes")
+
+
+@dataclass
+class ServerOptions:
+    """Settings of an engine; ``tuanyuan serve`` sets them from its flags."""
+
+    #: host:port to listen on; port 0 picks a free one.
+    listen: str = "127.0.0.1:0"
+    #: Seconds a location report stays valid.
+    ttl_s: float = DEFAULT_TTL_S
+    #: H3 resolution of the index.
+    resolution: int = DEFAULT_RESOLUTION
+    #: Device ids per RECIPIENTS message.
+    batch_devices: int = 16_384
+    #: Where "now" comes from.
+    clock: Clock = field(default_factory=Clock)
+    #: host:port of the Prometheus endpoint; None for none.
+    metrics_listen: str | None = None
+    #: Folder of operator schedules (``*.toml``), added to the shipped ones.
+    schedules_dir: Path | None = None
+    #: Threads applying location batches.
+    ingest_threads: int = 4
+    #: Threads running ring queries.
+    query_threads: int = 2
+
+
+def _split_host_port(text: str, flag: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{flag} must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class EngineServer:
+    """One engine: index, alerts, gRPC server and metrics endpoint."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.clock = options.clock
+        self.index = LocationIndex(
+            ttl_s=options.ttl_s, resolution=options.resolution, clock=self.clock.now
+        )
+        self.schedules: dict[str, Schedule] = dict(schedules.SHIPPED)
+        if options.schedules_dir is not None:
+            for path in sorted(Path(options.schedules_dir).glob("*.toml")):
+                schedule = schedules.load(path)
+                self.schedules[schedule.name or path.stem] = schedule
+        self.metrics = Metrics(lambda: self.index.live())
+        self.ingest_pool = ThreadPoolExecutor(options.ingest_threads, "ingest")
+        self.query_pool = ThreadPoolExecutor(options.query_threads, "query")
+        self.dispatcher = Dispatcher(
+            self.index,
+            self.clock,
+            self.query_pool,
+            self.metrics,
+            batch_devices=options.batch_devices,
+        )
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._stop = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> int:
+        """Binds and starts serving; returns the gRPC port."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        alert_pb2_grpc.add_AlertServiceServicer_to_server(AlertServicer(self), server)
+        server.add_generic_rpc_handlers((_location_handler(self), _gateway_handler(self)))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        host, port = _split_host_port(self.options.listen, "--listen")
+        self.port = server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.options.listen}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.options.metrics_listen:
+            host, port = _split_host_port(self.options.metrics_listen, "--metrics")
+            self._metrics_http, self.metrics_port = self.metrics.serve(host, port)
+        self._scheduler = asyncio.get_running_loop().create_task(self.dispatcher.run(self._stop))
+        _LOG.info(
+            "serving on %s:%d (TTL %g s, H3 resolution %d, schedules: %s)%s",
+            host,
+            self.port,
+            self.options.ttl_s,
+            self.options.resolution,
+            ", ".join(sorted(self.schedules)),
+            f"; metrics on port {self.metrics_port}" if self.metrics_port else "",
+        )
+        return self.port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Refuses new calls, lets running ones finish for ``grace_s`` seconds, stops."""
+        await self._health.enter_graceful_shutdown()
+        self._stop.set()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._scheduler is not None:
+            await self._scheduler
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self.ingest_pool.shutdown(wait=True)
+        self.query_pool.shutdown(wait=True)
+        _LOG.info(
+            "stopped: %d live devices, %d alerts", self.index.live(), len(self.dispatcher.alerts)
+        )
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # Shared by the servicers.
+
+    def schedule_of(self, request, now_field: str) -> Schedule | None:
+        """The schedule a request names or gives inline; None when it gives none."""
+        kind = request.WhichOneof("schedule")
+        if kind == "schedule_name":
+            schedule = self.schedules.get(request.schedule_name)
+            if schedule is None:
+                raise Invalid(
+                    f"schedule_name {request.schedule_name!r} is unknown; known: "
+                    f"{', '.join(sorted(self.schedules))}"
+                )
+            return schedule
+        if kind == "stages":
+            stages = tuple(
+                schedules.Stage(radius_m=s.radius_m, duration_s=s.duration_s)
+                for s in request.stages.stages
+            )
+            try:
+                return Schedule(stages)
+            except ScheduleError as error:
+                raise Invalid(f"stages: {error}") from None
+        if now_field:
+            raise Invalid(f"{now_field}: give schedule_name or stages")
+        return None
+
+
+class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
+    def __init__(self, engine: EngineServer) -> None:
+        self.engine = engine
+        self.dispatcher = engine.dispatcher
+
+    async def _run(self, context, work):
+        try:
+            return await work()
+        except AlertError as error:
+            await context.abort(grpc.StatusCode[error.status], str(error))
+
+    async def CreateAlert(self, request, context):
+        async def work():
+            now = self.engine.clock.now()
+            _check_alert_id(request.alert_id)
+            existing = self.dispatcher.alerts.get(request.alert_id)
+            if existing is not None:  # the same content again, or ALREADY_EXISTS
+                alert, _ = self.dispatcher.create(request, existing.schedule, None, 0.0)
+                return self.dispatcher.snapshot(alert)
+            centres = _centres(request.centres, "centres")
+            schedule = self.engine.schedule_of(request, "schedule")
+            if not request.HasField("payload"):
+                raise Invalid("payload is required")
+            _payload(request.payload, "payload", now)
+            start = now
+            if request.HasField("start_time"):
+                start = request.start_time.ToNanoseconds() / 1e9
+                if start > now + MAX_START_AHEAD_S:
+                    raise Invalid("start_time is more than a day ahead")
+            alert, new = self.dispatcher.create(request, schedule, centres, start)
+            if new:
+                self.dispatcher.spawn(self.dispatcher.advance(alert))
+            return self.dispatcher.snapshot(alert)
+
+        return await self._run(context, work)
+
+    async def UpdateAlert(self, request, context):
+        async def work():
+            now = self.engine.clock.now()
+            _check_alert_id(request.alert_id)
+            centres = (
+                _centres(request.centres.centres, "centres.centres")
+                if request.HasField("centres")
+                else None
+            )
+            payload = None
+            if request.HasField("payload"):
+                _payload(request.payload, "payload", now)
+                payload = request.payload
+            schedule = self.engine.schedule_of(request, "")
+            alert = self.dispatcher.get(request.alert_id)
+            await self.dispatcher.update(alert, centres, payload, schedule)
+            return self.dispatcher.snapshot(alert)
+
+        return await self._run(context, work)
+
+    async def ResolveAlert(self, request, context):
+        async def work():
+            _check_alert_id(request.alert_id)
+            if request.resolution not in (
+                alert_pb2.RESOLUTION_FOUND,
+                alert_pb2.RESOLUTION_CANCELLED,
+                alert_pb2.RESOLUTION_FALSE_REPORT,
+            ):
+                raise Invalid("resolution must be FOUND, CANCELLED or FALSE_REPORT")
+            _notices(request.follow_up, "follow_up")
+            alert = self.dispatcher.get(request.alert_id)
+            self.dispatcher.resolve(alert, request.resolution, request.follow_up)
+            return self.dispatcher.snapshot(alert)
+
+        return await self._run(context, work)
+
+    async def GetAlert(self, request, context):
+        async def work():
+            return self.dispatcher.snapshot(self.dispatcher.get(request.alert_id))
+
+        return await self._run(context, work)
+
+    async def ListAlerts(self, request, context):
+        async def work():
+            wanted = set(request.statuses)
+            for status in wanted:
+                if status not in alert_pb2.AlertStatus.values() or status == 0:
+                    raise Invalid(f"statuses: unknown status {status}")
+            alerts = sorted(
+                self.dispatcher.alerts.values(), key=lambda a: a.created_at, reverse=True
+            )
+            return alert_pb2.ListAlertsResponse(
+                alerts=[
+                    self.dispatcher.snapshot(a) for a in alerts if not wanted or a.status in wanted
+                ]
+            )
+
+        return await self._run(context, work)
+
+    async def WatchAlert(self, request, context):
+        try:
+            alert = self.dispatcher.get(request.alert_id)
+        except AlertError as error:
+            await context.abort(grpc.StatusCode[error.status], str(error))
+        queue = self.dispatcher.watch(alert)
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            self.dispatcher.unwatch(alert, queue)
+
+    async def PreviewAlert(self, request, context):
+        async def work():
+            lat, lng, _ = _centres(request.centres, "centres")
+            schedule = self.engine.schedule_of(request, "schedule")
+            return await asyncio.get_running_loop().run_in_executor(
+                self.engine.query_pool, self.dispatcher.preview, lat, lng, schedule
+            )
+
+        return await self._run(context, work)
+
+
+# LocationService: batches are parsed in the ingest threads, not on the event loop.
+
+
+class _BadBatch(Exception):
+    pass
+
+
+def _apply_batch(engine: EngineServer, raw: bytes, number: int):
+    """In an ingest thread: parses, checks and applies one batch, then runs the geofence."""
+    where = f"batch {number}"
+    try:
+        batch = location_pb2.LocationBatch.FromString(raw)
+    except DecodeError as error:
+        raise _BadBatch(f"{where}: not a LocationBatch: {error}") from None
+    if batch.gateway_id > MAX_GATEWAY:
+        raise _BadBatch(f"{where}: gateway_id must be 0 to {MAX_GATEWAY}, got {batch.gateway_id}")
+    ids = np.array(batch.device_ids, dtype=np.uint64)
+    lat = np.array(batch.latitudes, dtype=np.float64)
+    lng = np.array(batch.longitudes, dtype=np.float64)
+    observed = np.array(batch.observed_at, dtype=np.float64) if batch.observed_at else None
+    for name, values in (("latitudes", lat), ("longitudes", lng), ("observed_at", observed)):
+        if values is not None and values.size != ids.size:
+            raise _BadBatch(
+                f"{where}: {name} has {values.size} values but device_ids has {ids.size}"
+            )
+    try:
+        counts = engine.index.upsert(ids, lat, lng, batch.gateway_id, observed)
+    except ValueError as error:
+        message = str(error)
+        first, _, rest = message.partition(":")
+        if first in _INDEX_FIELDS:
+            message = f"{_INDEX_FIELDS[first]}:{rest}"
+        raise _BadBatch(f"{where}: {message}") from None
+    found = engine.dispatcher.walk_ins(batch.gateway_id, ids, lat, lng) if ids.size else []
+    return batch.gateway_id, ids.size, counts, found
+
+
+async def _report_locations(engine: EngineServer, request_iterator, context):
+    loop = asyncio.get_running_loop()
+    summary = location_pb2.ReportSummary()
+    number = 0
+    async for raw in request_iterator:
+        try:
+            gateway, reports, counts, found = await loop.run_in_executor(
+                engine.ingest_pool, _apply_batch, engine, raw, number
+            )
+        except _BadBatch as error:
+            _LOG.warning("location report stream refused: %s", error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        summary.batches += 1
+        summary.reports += reports
+        summary.added += counts[0]
+        summary.updated += counts[1]
+        summary.stale += counts[2]
+        summary.geofence_recipients += engine.dispatcher.queue_walk_ins(gateway, found)
+        engine.metrics.reports.labels(gateway=str(gateway)).inc(reports)
+        number += 1
+    return summary
+
+
+async def _forget_devices(engine: EngineServer, request, context):
+    if request.gateway_id > MAX_GATEWAY:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"gateway_id must be 0 to {MAX_GATEWAY}, got {request.gateway_id}",
+        )
+    if len(request.device_ids) > MAX_FORGET:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"device_ids: at most {MAX_FORGET} a call, got {len(request.device_ids)}",
+        )
+    ids = np.array(request.device_ids, dtype=np.uint64)
+    forgotten = await asyncio.get_running_loop().run_in_executor(
+        engine.ingest_pool, engine.index.remove, ids, request.gateway_id
+    )
+    engine.dispatcher.forget(request.gateway_id, ids)
+    _LOG.info(
+        "gateway %d: %d devices opted out, %d were held", request.gateway_id, ids.size, forgotten
+    )
+    return location_pb2.ForgetDevicesResponse(forgotten=forgotten)
+
+
+def _location_handler(engine: EngineServer) -> grpc.GenericRpcHandler:
+    async def report(request_iterator, context):
+        return await _report_locations(engine, request_iterator, context)
+
+    async def forget(request, context):
+        return await _forget_devices(engine, request, context)
+
+    return grpc.method_handlers_generic_handler(
+        SERVICES[1],
+        {
+            # Raw bytes in: the ingest thread parses them.
+            "ReportLocations": grpc.stream_unary_rpc_method_handler(
+                report,
+                request_deserializer=None,
+                response_serializer=location_pb2.ReportSummary.SerializeToString,
+            ),
+            "ForgetDevices": grpc.unary_unary_rpc_method_handler(
+                forget,
+                request_deserializer=location_pb2.ForgetDevicesRequest.FromString,
+                response_serializer=location_pb2.ForgetDevicesResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+# GatewayService.
+
+
+async def _subscribe(engine: EngineServer, request_iterator, context):
+    try:
+        first = await anext(aiter(request_iterator))
+    except StopAsyncIteration:
+        return
+    if first.WhichOneof("kind") != "hello":
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
+    hello = first.hello
+    if hello.gateway_id > MAX_GATEWAY:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"hello.gateway_id must be 0 to {MAX_GATEWAY}, got {hello.gateway_id}",
+        )
+    if not (math.isfinite(hello.max_devices_per_second) and hello.max_devices_per_second >= 0):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"hello.max_devices_per_second must be 0 or more, got {hello.max_devices_per_second}",
+        )
+    if hello.max_unacked_messages > MAX_WINDOW:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"hello.max_unacked_messages must be 0 to {MAX_WINDOW}, got "
+            f"{hello.max_unacked_messages}",
+        )
+
+    gateway = hello.gateway_id
+    box = engine.dispatcher.outbox(gateway)
+    connection = box.attach(
+        hello.max_devices_per_second, hello.max_unacked_messages or DEFAULT_WINDOW
+    )
+    engine.metrics.connected.labels(gateway=str(gateway)).set(1)
+    _LOG.info(
+        "gateway %d subscribed (rate %s devices/s, window %d): %d messages to resend, %d queued",
+        gateway,
+        f"{hello.max_devices_per_second:g}" if hello.max_devices_per_second else "unlimited",
+        connection.window,
+        len(box.unacked),
+        len(box.queued),
+    )
+    failure: list[str] = []
+
+    async def read_acks():
+        try:
+            async for message in request_iterator:
+                if message.WhichOneof("kind") != "ack":
+                    raise ValueError("only acks may follow the hello")
+                box.ack(message.ack.sequence)
+        except ValueError as error:
+            failure.append(str(error))
+        finally:
+            box.wakeup.set()
+
+    reader = asyncio.get_running_loop().create_task(read_acks())
+    try:
+        while not connection.replaced:
+            if failure:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, failure[0])
+            if reader.done():
+                break  # the gateway closed its side
+            entry, wait_s = box.next_message(connection)
+            if entry is not None:
+                yield entry.data
+                continue
+            box.wakeup.clear()
+            entry, wait_s = box.next_message(connection)
+            if entry is not None:
+                yield entry.data
+                continue
+            try:
+                timeout = None if math.isinf(wait_s) else wait_s
+                await asyncio.wait_for(box.wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+        if connection.replaced:
+            _LOG.info("gateway %d: stream replaced by a newer one", gateway)
+    finally:
+        reader.cancel()
+        box.detach(connection)
+        if box.connection is None:
+            engine.metrics.connected.labels(gateway=str(gateway)).set(0)
+        _LOG.info(
+            "gateway %d unsubscribed: acked up to %d, %d messages unacked, %d queued",
+            gateway,
+            box.acked,
+            len(box.unacked),
+            len(box.queued),
+        )
+
+
+def _gateway_handler(engine: EngineServer) -> grpc.GenericRpcHandler:
+    async def subscribe(request_iterator, context):
+        async for data in _subscribe(engine, request_iterator, context):
+            yield data
+
+    return grpc.method_handlers_generic_handler(
+        SERVICES[2],
+        {
+            # Messages leave already encoded (engine.wire), so no serializer.
+            "Subscribe": grpc.stream_stream_rpc_method_handler(
+                subscribe,
+                request_deserializer=gateway_pb2.GatewayUpstream.FromString,
+                response_serializer=None,
+            ),
+        },
+    )
+
+
+# Running a server.
+
+
+class ServerThread:
+    """An engine on its own event loop in a daemon thread (tests, demo, benchmarks)."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.engine: EngineServer | None = None
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="engine", daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        self.engine = self.call(self._create)
+        return self.call(self.engine.start)
+
+    async def _create(self) -> EngineServer:
+        return EngineServer(self.options)
+
+    def call(self, coroutine_function, *args, timeout: float = 60.0):
+        """Runs ``coroutine_function(*args)`` on the engine's loop and returns its result."""
+        future = asyncio.run_coroutine_threadsafe(coroutine_function(*args), self.loop)
+        return future.result(timeout)
+
+    @property
+    def port(self) -> int:
+        return self.engine.port
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self.engine is not None:
+            self.call(self.engine.stop, grace_s)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> ServerThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def serve(options: ServerOptions, port_file: Path | None = None) -> None:
+    """Runs until SIGINT or SIGTERM, then stops gracefully."""
+    engine = EngineServer(options)
+    port = await engine.start()
+    if port_file is not None:
+        port_file.write_text(f"{port}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    _LOG.info("shutting down: finishing running calls for up to 5 s")
+    await engine.stop(5.0)
