@@ -1,0 +1,331 @@
+"""The journal: every change of durable state, written to Redis in order.
+
+The engine's state (alerts, who each alert notified, the gateways' queues and acks, the
+audit trail) lives in memory and is written ahead to Redis. Changes are :class:`Op`s,
+written by one task in the order they were made, many to a ``MULTI``/``EXEC``
+transaction, so Redis always holds a prefix of the engine's history. What an op makes
+possible happens only once the op is durable: an alert is accepted (and the caller
+answered) after its op is written, and a recipient message can be sent only after it is
+in its gateway's stream. So a crash loses nothing that anyone outside was told about.
+
+Each transaction also stores its number under ``journal``. When a write fails without
+an answer (the connection dropped), the writer reads that number once Redis is back to
+learn whether the transaction was applied, so a retry never applies one twice.
+
+Redis down: the journal says so at once (:attr:`Journal.available`), so new alerts are
+refused with UNAVAILABLE instead of waiting; queued changes wait in memory (ingest and
+queries go on) and are written in order when Redis is back. Without Redis (the embedded
+default) ops are durable as soon as they are made, and nothing survives a restart.
+
+Keys, under a prefix (``tuanyuan:`` by default):
+
+=============================  ======  ===================================================
+``alerts``                     set     alert ids
+``alert:{id}:log``             list    accepted actions (create, update, resolve, expire)
+``alert:{id}:state``           hash    stage start times and delivery tallies
+``alert:{id}:notified:{gw}``   string  ids notified, 8 bytes each (little-endian)
+``alert:{id}:acked:{gw}``      string  ids acknowledged by the gateway, 8 bytes each
+``gateways``                   set     gateway ids with a queue
+``gateway:{gw}:queue``         stream  messages not yet acknowledged, in order
+``gateway:{gw}:acked``         string  the gateway's last acknowledged sequence number
+``gateway:{gw}:payloads``      hash    alert id -> payload version queued to the gateway
+``audit``                      stream  the hash-chained audit trail
+``audit:head``                 string  ``seq hash`` of the last audit entry
+``journal``                    string  number of the last transaction applied
+=============================  ======  ===================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+_LOG = logging.getLogger("engine.journal")
+
+#: Ops written in one transaction at most.
+MAX_OPS_PER_WRITE = 512
+#: Seconds between two attempts while Redis is unreachable, at most.
+MAX_BACKOFF_S = 2.0
+GENESIS = "0" * 64
+
+
+class StoreUnavailable(Exception):
+    """Redis cannot be reached; the change was not made."""
+
+
+@dataclass(eq=False)
+class Op:
+    """One change. ``commands`` are Redis commands as ``(method, *args)``;
+    ``on_durable(results)`` runs on the event loop once they are applied, with their
+    results in order. ``audit`` holds the fields of an audit entry to seal and append in
+    the same transaction."""
+
+    commands: list[tuple] = field(default_factory=list)
+    on_durable: Callable[[list], None] | None = None
+    audit: dict | None = None
+    #: Set for changes a caller waits for (alert actions).
+    future: asyncio.Future | None = None
+    #: The caller gave up waiting; if the op turns out to be applied it still takes
+    #: effect, otherwise it is dropped rather than retried.
+    abandoned: bool = False
+
+
+@dataclass
+class Restored:
+    """Everything :meth:`Journal.load` read back."""
+
+    alerts: dict[str, dict] = field(default_factory=dict)
+    gateways: dict[int, dict] = field(default_factory=dict)
+    audit_seq: int = 0
+    audit_head: str = GENESIS
+
+
+class Journal:
+    """Writes :class:`Op` s in order to Redis at ``url``, or nowhere when ``url`` is
+    ``None``. ``seal(fields, prev_hash, seq)`` turns audit fields into a chained entry;
+    ``audit_sink(entry)`` receives each sealed entry when there is no Redis."""
+
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        prefix: str = "tuanyuan:",
+        seal: Callable[[dict, str, int], dict] | None = None,
+        audit_sink: Callable[[dict], None] | None = None,
+        on_availability: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.available = True
+        self.audit_seq = 0
+        self.audit_head = GENESIS
+        self._seal = seal
+        self._audit_sink = audit_sink
+        self._on_availability = on_availability
+        self._queue: asyncio.Queue[Op] = asyncio.Queue()
+        self._redis = None
+        self._writer: asyncio.Task | None = None
+        self._batch = 0
+        self._closing = False
+        self.written_ops = 0
+        self.failed_writes = 0
+
+    def key(self, *parts: object) -> str:
+        return self.prefix + ":".join(str(p) for p in parts)
+
+    @property
+    def durable(self) -> bool:
+        """Whether changes survive a restart (Redis is configured)."""
+        return self.url is not None
+
+    # Life cycle.
+
+    async def start(self) -> Restored:
+        """Connects, reads the state back, and starts writing."""
+        restored = Restored()
+        if self.url is not None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(
+                self.url, socket_timeout=2.0, socket_connect_timeout=1.0
+            )
+            try:
+                restored = await self._load()
+            except Exception as error:
+                await self._redis.aclose()
+                raise StoreUnavailable(f"cannot read the state from {self.url}: {error}") from None
+            self._batch = int(await self._redis.get(self.key("journal")) or 0)
+            self.audit_seq, self.audit_head = restored.audit_seq, restored.audit_head
+        self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+        return restored
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Writes what is queued (for up to ``timeout_s`` seconds), then disconnects."""
+        self._closing = True
+        self._queue.put_nowait(Op())  # wakes the writer
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer, timeout_s)
+            except TimeoutError:
+                _LOG.error(
+                    "journal: %d changes not written to Redis at shutdown", self._queue.qsize()
+                )
+                self._writer.cancel()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    # Submitting changes.
+
+    def submit(self, op: Op) -> None:
+        """Queues a change; ``on_durable`` runs once it is written."""
+        if self._redis is None:
+            self._apply_locally(op)
+        else:
+            self._queue.put_nowait(op)
+
+    async def commit(self, op: Op, timeout_s: float = 5.0) -> None:
+        """Writes a change a caller waits for; raises :class:`StoreUnavailable` at once
+        when Redis is known to be down, or when the write does not complete in time (the
+        change then takes effect later only if Redis did apply it)."""
+        if self._redis is None:
+            self._apply_locally(op)
+            return
+        if not self.available:
+            raise StoreUnavailable(f"Redis at {self.url} is unreachable")
+        op.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(op)
+        try:
+            await asyncio.wait_for(asyncio.shield(op.future), timeout_s)
+        except TimeoutError:
+            op.abandoned = True
+            raise StoreUnavailable(f"Redis at {self.url} did not confirm in {timeout_s:g} s") from None
+
+    def _apply_locally(self, op: Op) -> None:
+        if op.audit is not None and self._seal is not None:
+            entry = self._seal(op.audit, self.audit_head, self.audit_seq + 1)
+            self.audit_seq, self.audit_head = self.audit_seq + 1, entry["hash"]
+            if self._audit_sink is not None:
+                self._audit_sink(entry)
+        if op.on_durable is not None:
+            op.on_durable([None] * len(op.commands))
+
+    # Writing.
+
+    async def _write_forever(self) -> None:
+        while True:
+            ops = [await self._queue.get()]
+            while len(ops) < MAX_OPS_PER_WRITE and not self._queue.empty():
+                ops.append(self._queue.get_nowait())
+            ops = [op for op in ops if op.commands or op.audit or op.on_durable]
+            if ops:
+                await self._write(ops)
+            if self._closing and self._queue.empty():
+                return
+
+    async def _write(self, ops: list[Op]) -> None:
+        self._batch += 1
+        number = self._batch
+        backoff = 0.05
+        while True:
+            seq, head = self.audit_seq, self.audit_head
+            sealed = []
+            try:
+                pipe = self._redis.pipeline(transaction=True)
+                for op in ops:
+                    for method, *args in op.commands:
+                        getattr(pipe, method)(*args)
+                    if op.audit is not None:
+                        seq += 1
+                        entry = self._seal(op.audit, head, seq)
+                        head = entry["hash"]
+                        sealed.append(entry)
+                        pipe.xadd(self.key("audit"), entry)
+                if sealed:
+                    pipe.set(self.key("audit:head"), f"{seq} {head}")
+                pipe.set(self.key("journal"), number)
+                results = await pipe.execute()
+                applied = True
+            except Exception as error:  # connection errors and timeouts of every kind
+                self.failed_writes += 1
+                self._set_available(False, error)
+                applied = await self._was_applied(number)
+                if applied is None or not applied:
+                    # Unknown or not applied: drop the changes nobody waits for any more
+                    # and try again.
+                    kept = [op for op in ops if not op.abandoned]
+                    if len(kept) != len(ops):
+                        _LOG.warning(
+                            "journal: %d alert change(s) dropped: Redis did not apply them "
+                            "and their callers were told UNAVAILABLE",
+                            len(ops) - len(kept),
+                        )
+                        ops = kept
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    if not ops:
+                        return
+                    continue
+                results = None  # applied, but the results (stream ids) are unknown
+            if applied:
+                break
+        self._set_available(True)
+        self.audit_seq, self.audit_head = seq, head
+        self.written_ops += len(ops)
+        position = 0
+        for op in ops:
+            count = len(op.commands)
+            part = (
+                results[position : position + count] if results is not None else [None] * count
+            )
+            position += count
+            if op.on_durable is not None:
+                op.on_durable(part)
+            if op.future is not None and not op.future.done():
+                op.future.set_result(None)
+            if op.abandoned:
+                _LOG.warning("journal: an alert change refused as UNAVAILABLE was applied after all")
+
+    async def _was_applied(self, number: int) -> bool | None:
+        """Whether transaction ``number`` is in Redis; ``None`` when Redis cannot tell."""
+        try:
+            last = int(await self._redis.get(self.key("journal")) or 0)
+        except Exception:
+            return None
+        return last >= number
+
+    def _set_available(self, available: bool, error: Exception | None = None) -> None:
+        if available == self.available:
+            return
+        self.available = available
+        if available:
+            _LOG.warning("journal: Redis at %s is reachable again; %d changes queued", self.url, self._queue.qsize())
+        else:
+            _LOG.error(
+                "journal: Redis at %s is unreachable (%s); new alerts are refused, other "
+                "changes wait in memory",
+                self.url,
+                error,
+            )
+        if self._on_availability is not None:
+            self._on_availability(available)
+
+    # Reading back.
+
+    async def _load(self) -> Restored:
+        r = self._redis
+        restored = Restored()
+        for raw in await r.smembers(self.key("alerts")):
+            alert_id = raw.decode()
+            state = await r.hgetall(self.key("alert", alert_id, "state"))
+            alert = {
+                "log": await r.lrange(self.key("alert", alert_id, "log"), 0, -1),
+                "state": {k.decode(): v.decode() for k, v in state.items()},
+                "notified": {},
+                "acked": {},
+            }
+            for kind in ("notified", "acked"):
+                pattern = self.key("alert", alert_id, kind, "*")
+                async for name in r.scan_iter(match=pattern, count=1000):
+                    gateway = int(name.decode().rsplit(":", 1)[1])
+                    alert[kind][gateway] = await r.get(name) or b""
+            restored.alerts[alert_id] = alert
+        for raw in await r.smembers(self.key("gateways")):
+            gateway = int(raw)
+            entries, start = [], "-"
+            while page := await r.xrange(self.key("gateway", gateway, "queue"), start, count=1000):
+                entries.extend(page)
+                start = "(" + page[-1][0].decode()
+            payloads = await r.hgetall(self.key("gateway", gateway, "payloads"))
+            restored.gateways[gateway] = {
+                "acked": int(await r.get(self.key("gateway", gateway, "acked")) or 0),
+                "entries": entries,
+                "payloads": {k.decode(): int(v) for k, v in payloads.items()},
+            }
+        head = await r.get(self.key("audit:head"))
+        if head:
+            seq, digest = head.decode().split()
+            restored.audit_seq, restored.audit_head = int(seq), digest
+        return restored
+
