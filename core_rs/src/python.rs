@@ -199,12 +199,15 @@ impl PyIndex {
         Bound<'py, PyArray1<f64>>,
         Bound<'py, PyArray1<u32>>,
     ) {
-        let devices = py.detach(|| self.0.devices());
-        let gateways: Vec<u16> = devices.iter().map(|d| d.0.gateway).collect();
-        let ids: Vec<u64> = devices.iter().map(|d| d.0.id).collect();
-        let lat: Vec<f64> = devices.iter().map(|d| d.1).collect();
-        let lng: Vec<f64> = devices.iter().map(|d| d.2).collect();
-        let seen: Vec<u32> = devices.iter().map(|d| d.3).collect();
+        let (gateways, ids, lat, lng, seen) = py.detach(|| {
+            let devices = self.0.devices();
+            let gateways: Vec<u16> = devices.iter().map(|d| d.0.gateway).collect();
+            let ids: Vec<u64> = devices.iter().map(|d| d.0.id).collect();
+            let lat: Vec<f64> = devices.iter().map(|d| d.1).collect();
+            let lng: Vec<f64> = devices.iter().map(|d| d.2).collect();
+            let seen: Vec<u32> = devices.iter().map(|d| d.3).collect();
+            (gateways, ids, lat, lng, seen)
+        });
         (
             gateways.into_pyarray(py),
             ids.into_pyarray(py),

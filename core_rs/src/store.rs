@@ -955,12 +955,14 @@ impl Store {
         self.slab.key(slot as u32)
     }
 
-    /// Every stored device: key, latitude, longitude in degrees, seen (for snapshots).
+    /// Every stored device with its position and last-seen second, in slot order (by
+    /// cell for the sorted part), which makes a reload's sort nearly free. Dead slots
+    /// (`seen == 0`) are skipped; every other slot is the one live slot of its device.
     pub fn for_each_device(&self, mut f: impl FnMut(DeviceKey, FixedVec, u32)) {
-        for table in &self.shards {
-            for &slot in table.iter() {
-                let s = slot as usize;
-                f(self.slab.key(slot), self.slab.positions[s], self.slab.seen[s]);
+        for s in 0..self.slab.len() {
+            let seen = self.slab.seen[s];
+            if seen != 0 {
+                f(self.slab.key(s as u32), self.slab.positions[s], seen);
             }
         }
     }
