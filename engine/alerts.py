@@ -356,9 +356,12 @@ class Dispatcher:
 
         if schedule is not None:
             await self.advance(alert)  # may start stages, or expire the alert
-        if centres is not None and alert.status == ACTIVE and alert.stage is not None:
+        # New centres, or a new radius for the running stage: its ring is redrawn at once.
+        redrawn = centres is not None or schedule is not None
+        if redrawn and alert.status == ACTIVE and alert.stage is not None:
             self._refresh_rings()
-            await self._sweep(alert, alert.stage + 1, reason="new centres")
+            reason = "new centres" if centres is not None else "new schedule"
+            await self._sweep(alert, alert.stage + 1, reason=reason)
 
     def resolve(
         self, alert: AlertState, resolution: int, follow_up: Iterable[alert_pb2.LocalizedNotice]

@@ -1,6 +1,7 @@
 """Python clients of the engine's gRPC services, for partner apps, gateways and tools.
 
-- :func:`connect` opens a channel with the engine's message size limits.
+- :func:`connect` opens a channel with the engine's message size limits, optionally
+  with TLS and a bearer token sent with every call.
 - :func:`encode_batch` and :func:`report` stream location batches (arrays straight from
   numpy, without building them value by value).
 - :class:`GatewaySubscription` subscribes as a push gateway in a background thread, hands
@@ -10,6 +11,9 @@
 
 from __future__ import annotations
 
+import collections
+import ipaddress
+import os
 import queue
 import threading
 import time
@@ -18,6 +22,7 @@ from collections.abc import Callable, Iterable
 import grpc
 import numpy as np
 
+from engine import tls as tls_files
 from engine import wire
 from engine.api import (
     alert_pb2_grpc,
@@ -32,15 +37,110 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _FIELDS = location_pb2.LocationBatch.DESCRIPTOR.fields_by_name
 
 
-def connect(target: str) -> grpc.Channel:
-    """A channel to ``host:port``."""
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+def connect(
+    target: str,
+    *,
+    token: str | None = None,
+    tls_ca: str | os.PathLike | None = None,
+    tls_cert: str | os.PathLike | None = None,
+    tls_key: str | os.PathLike | None = None,
+    tls: bool = False,
+    allow_cleartext_token: bool = False,
+) -> grpc.Channel:
+    """A channel to ``host:port``.
+
+    ``token`` goes with every call as ``authorization: Bearer <token>``. With ``tls_ca``
+    (the CA of the server's certificate), or ``tls=True`` to trust the system's CAs, the
+    channel uses TLS; ``tls_cert`` and ``tls_key`` add a client certificate (mutual TLS).
+    A token is refused on a plain channel to anything but a loopback address, where
+    anyone on the path could read it, unless ``allow_cleartext_token=True``.
+    """
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    secure = tls or tls_ca is not None or tls_cert is not None or tls_key is not None
+    if secure:
+        credentials = tls_files.channel_credentials(tls_ca, tls_cert, tls_key)
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        if token is not None and not allow_cleartext_token and not is_loopback(target):
+            raise ValueError(
+                f"refusing to send a token in clear text to {target}: use TLS (tls_ca=...) "
+                "or a loopback address"
+            )
+        channel = grpc.insecure_channel(target, options=options)
+    if token is not None:
+        channel = grpc.intercept_channel(channel, _BearerToken(token))
+    return channel
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a gRPC target names this machine (localhost, 127.0.0.0/8, ::1, unix:)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    host = target.rpartition(":")[0] if ":" in target else target
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call, of all four kinds.
+
+    An interceptor rather than call credentials: gRPC sends call credentials only over
+    TLS, and local engines (the demo, tests) listen on plain loopback.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("token must be a non-empty string without spaces")
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        metadata = [m for m in details.metadata or () if m[0] != "authorization"]
+        metadata.append(self._header)
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
 
 
 def alert_stub(channel: grpc.Channel) -> alert_pb2_grpc.AlertServiceStub:

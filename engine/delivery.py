@@ -146,6 +146,9 @@ class Outbox:
         wait before trying again (``inf``: until something changes)."""
         if connection.replaced:
             return None, float("inf")
+        # An ack may run ahead of what this stream has resent (the gateway handled those
+        # messages on an earlier stream): go on after the ack, never index backwards.
+        connection.sent_upto = max(connection.sent_upto, self.acked)
         if connection.sent_upto - self.acked >= connection.window:
             return None, float("inf")
         index = connection.sent_upto - self.acked

@@ -180,7 +180,9 @@ class Journal:
             await asyncio.wait_for(asyncio.shield(op.future), timeout_s)
         except TimeoutError:
             op.abandoned = True
-            raise StoreUnavailable(f"Redis at {self.url} did not confirm in {timeout_s:g} s") from None
+            raise StoreUnavailable(
+                f"Redis at {self.url} did not confirm in {timeout_s:g} s"
+            ) from None
 
     def _apply_locally(self, op: Op) -> None:
         if op.audit is not None and self._seal is not None:
@@ -256,16 +258,16 @@ class Journal:
         position = 0
         for op in ops:
             count = len(op.commands)
-            part = (
-                results[position : position + count] if results is not None else [None] * count
-            )
+            part = results[position : position + count] if results is not None else [None] * count
             position += count
             if op.on_durable is not None:
                 op.on_durable(part)
             if op.future is not None and not op.future.done():
                 op.future.set_result(None)
             if op.abandoned:
-                _LOG.warning("journal: an alert change refused as UNAVAILABLE was applied after all")
+                _LOG.warning(
+                    "journal: an alert change refused as UNAVAILABLE was applied after all"
+                )
 
     async def _was_applied(self, number: int) -> bool | None:
         """Whether transaction ``number`` is in Redis; ``None`` when Redis cannot tell."""
@@ -280,7 +282,11 @@ class Journal:
             return
         self.available = available
         if available:
-            _LOG.warning("journal: Redis at %s is reachable again; %d changes queued", self.url, self._queue.qsize())
+            _LOG.warning(
+                "journal: Redis at %s is reachable again; %d changes queued",
+                self.url,
+                self._queue.qsize(),
+            )
         else:
             _LOG.error(
                 "journal: Redis at %s is unreachable (%s); new alerts are refused, other "
@@ -328,4 +334,3 @@ class Journal:
             seq, digest = head.decode().split()
             restored.audit_seq, restored.audit_head = int(seq), digest
         return restored
-
