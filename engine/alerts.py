@@ -28,15 +28,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine import geofence
+from engine import audit, geofence
 from engine.api import alert_pb2, gateway_pb2
 from engine.clock import Clock
 from engine.delivery import (
@@ -49,8 +49,10 @@ from engine.delivery import (
     timestamp,
 )
 from engine.index import AlertRecord, LocationIndex
+from engine.journal import Journal, Restored, StoreUnavailable
 from engine.metrics import Metrics
-from engine.schedules import Schedule
+from engine.persist import Change, decode_request, encode_request, ids_from_bytes, restore_entry
+from engine.schedules import Schedule, Stage
 
 _LOG = logging.getLogger("engine.alerts")
 
@@ -81,6 +83,10 @@ class AlreadyExists(AlertError):
 
 class FailedPrecondition(AlertError):
     status = "FAILED_PRECONDITION"
+
+
+class Unavailable(AlertError):
+    status = "UNAVAILABLE"
 
 
 @dataclass
@@ -136,6 +142,10 @@ class AlertState:
     acked_ids: dict[int, list[np.ndarray]] = field(default_factory=dict)
     watchers: set[asyncio.Queue] = field(default_factory=set)
     progress_due: bool = False
+    #: Set once the messages of a resolve (CLOSED, follow-up) are written.
+    close_written: bool = False
+    #: The follow-up notice of a resolve, kept to write its messages after a restart.
+    follow_up_texts: list = field(default_factory=list)
     #: Serialises stage changes of this alert (the scheduler and UpdateAlert).
     advancing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -184,74 +194,106 @@ class Dispatcher:
         metrics: Metrics,
         *,
         batch_devices: int = DEFAULT_BATCH_DEVICES,
+        journal: Journal | None = None,
     ) -> None:
         self.index = index
         self.clock = clock
         self.metrics = metrics
         self.batch_devices = batch_devices
+        self.journal = journal if journal is not None else Journal(None)
         self.alerts: dict[str, AlertState] = {}
         self.outboxes: dict[int, Outbox] = {}
         #: The running rings; replaced whole, so ingest threads read a consistent tuple.
         self.rings: tuple[Ring, ...] = ()
         self._query_pool = query_pool
         self._tasks: set[asyncio.Task] = set()
+        #: Serialises the issuer's actions (create, update, resolve) across alerts.
+        self._actions = asyncio.Lock()
 
     # Outboxes.
 
     def outbox(self, gateway: int) -> Outbox:
         box = self.outboxes.get(gateway)
         if box is None:
-            box = Outbox(gateway, self._on_sent, self._on_acked)
+            box = Outbox(gateway, self._on_sent, self._on_acked, self._on_ack)
             self.outboxes[gateway] = box
         return box
 
     def _on_sent(self, entry: Entry) -> None:
-        if entry.kind == KIND_RECIPIENTS:
-            alert = self.alerts[entry.alert_id]
+        alert = self.alerts.get(entry.alert_id)
+        if entry.kind == KIND_RECIPIENTS and alert is not None:
             alert.stages[entry.stage - 1].tally(entry.gateway).handed_over += entry.devices
             self._progress(alert)
 
     def _on_acked(self, entry: Entry, latency_s: float) -> None:
         gateway = entry.gateway
         self.metrics.ack_latency.labels(gateway=str(gateway)).observe(latency_s)
-        if entry.kind == KIND_RECIPIENTS:
-            alert = self.alerts[entry.alert_id]
+        alert = self.alerts.get(entry.alert_id)
+        if entry.kind == KIND_RECIPIENTS and alert is not None:
             alert.stages[entry.stage - 1].tally(gateway).acked += entry.devices
             alert.acked_ids.setdefault(gateway, []).append(entry.ids)
             self._progress(alert)
         self.metrics.pending.labels(gateway=str(gateway)).set(self.outbox(gateway).pending())
 
-    def _queue(self, gateway: int, entry: Entry) -> None:
+    def _on_ack(self, sequence: int, entries: list[Entry]) -> None:
+        """Writes an ack: the cursor, the acked messages gone from the stream, and the
+        acked devices (the follow-up goes to them)."""
+        box = self.outbox(entries[0].gateway)
+        change = Change(self.journal)
+        change.acked_upto(box.gateway_id, sequence)
+        change.removed(box, entries)
+        for entry in entries:
+            if entry.kind == KIND_RECIPIENTS:
+                change.count(
+                    entry.alert_id, f"s{entry.stage}:g{entry.gateway}:acked", entry.devices
+                )
+                change.acked_ids(entry.alert_id, entry.gateway, entry.ids)
+        self.journal.submit(change.op())
+
+    def _queue(self, gateway: int, entry: Entry, change: Change) -> None:
+        """Puts a message in a gateway's queue; it is sent once ``change`` is durable."""
         entry.gateway = gateway
         entry.header.queued_at.CopyFrom(timestamp(self.clock.now()))
         box = self.outbox(gateway)
+        entry.stream_id = f"{box.next_queue_id}-0"
+        box.next_queue_id += 1
+        entry.durable = False
         box.put(entry)
+        change.entry(box, entry)
         self.metrics.pending.labels(gateway=str(gateway)).set(box.pending())
 
-    def _queue_payload(self, alert: AlertState, gateway: int) -> None:
+    def _queue_payload(self, alert: AlertState, gateway: int, change: Change) -> None:
         """Queues the alert's payload for a gateway unless it has this version already."""
         box = self.outbox(gateway)
         if box.payload_versions.get(alert.alert_id) == alert.payload_version:
             return
         box.payload_versions[alert.alert_id] = alert.payload_version
+        change.payload_version(gateway, alert.alert_id, alert.payload_version)
         header = gateway_pb2.GatewayMessage(
             kind=KIND_ALERT,
             alert_id=alert.alert_id,
             payload=alert.payload,
             payload_version=alert.payload_version,
         )
-        self._queue(gateway, Entry(KIND_ALERT, alert.alert_id, header))
+        self._queue(gateway, Entry(KIND_ALERT, alert.alert_id, header), change)
 
     def _queue_recipients(
-        self, alert: AlertState, stage: int, by_gateway: dict[int, np.ndarray], walked_in: bool
+        self,
+        alert: AlertState,
+        stage: int,
+        by_gateway: dict[int, np.ndarray],
+        walked_in: bool,
+        change: Change | None = None,
     ) -> int:
-        """Queues new recipients of a stage (1-based) in batches; returns how many."""
+        """Queues new recipients of a stage (1-based) in batches, recording them as
+        notified in the same journal change; returns how many."""
+        change = change if change is not None else Change(self.journal)
         state = alert.stages[stage - 1]
         total = 0
         for gateway, ids in sorted(by_gateway.items()):
             if ids.size == 0:
                 continue
-            self._queue_payload(alert, gateway)
+            self._queue_payload(alert, gateway, change)
             for start in range(0, ids.size, self.batch_devices):
                 chunk = ids[start : start + self.batch_devices]
                 header = gateway_pb2.GatewayMessage(
@@ -260,12 +302,17 @@ class Dispatcher:
                     payload_version=alert.payload_version,
                     stage_number=stage,
                 )
-                self._queue(gateway, Entry(KIND_RECIPIENTS, alert.alert_id, header, stage, chunk))
+                entry = Entry(KIND_RECIPIENTS, alert.alert_id, header, stage, chunk)
+                self._queue(gateway, entry, change)
+            change.notified(alert.alert_id, gateway, ids)
+            change.count(alert.alert_id, f"s{stage}:g{gateway}:recipients", ids.size)
             state.tally(gateway).recipients += int(ids.size)
             self.metrics.recipients.labels(stage=str(stage), gateway=str(gateway)).inc(ids.size)
             total += int(ids.size)
         if walked_in:
             state.walked_in += total
+            change.count(alert.alert_id, f"s{stage}:walked", total)
+        self.journal.submit(change.op())
         if total:
             self._progress(alert)
         return total
@@ -278,81 +325,118 @@ class Dispatcher:
             raise NotFound(f"no alert has alert_id {alert_id!r}")
         return alert
 
-    def create(
+    def _audit(self, actor: dict, action: str, alert: str, version: int, request) -> dict:
+        """Fields of an audit entry (sealed into the chain by the journal)."""
+        return {
+            "at": self.clock.now(),
+            "actor": actor.get("actor", "engine"),
+            "role": actor.get("role", "engine"),
+            "peer": actor.get("peer", ""),
+            "action": action,
+            "alert_id": alert,
+            "version": version,
+            "request_sha256": "" if request is None else audit.request_sha256(request),
+            "outcome": "OK",
+        }
+
+    async def _commit(self, change: Change, then) -> None:
+        try:
+            await self.journal.commit(change.op(then))
+        except StoreUnavailable as error:
+            raise Unavailable(f"{error}; nothing was changed, retry later") from None
+
+    async def create(
         self,
         request: alert_pb2.CreateAlertRequest,
         schedule: Schedule,
         centres: tuple[np.ndarray, np.ndarray, list[str]],
         start_time: float,
+        actor: dict | None = None,
     ) -> tuple[AlertState, bool]:
-        """Stores a checked alert; returns it and whether it is new."""
-        digest = fingerprint(request)
-        existing = self.alerts.get(request.alert_id)
-        if existing is not None:
-            if existing.fingerprint != digest:
-                raise AlreadyExists(
-                    f"alert_id {request.alert_id!r} is already used by an alert with other "
-                    "content; use UpdateAlert to change it"
-                )
-            return existing, False
-        now = self.clock.now()
-        alert = AlertState(
-            alert_id=request.alert_id,
-            fingerprint=digest,
-            centre_lat=centres[0],
-            centre_lng=centres[1],
-            centre_labels=centres[2],
-            start_time=start_time,
-            schedule=schedule,
-            payload=request.payload,
-            created_at=now,
-            updated_at=now,
-        )
-        alert.set_schedule(schedule)
+        """Stores a checked alert once it is durable; returns it and whether it is new."""
+        async with self._actions:
+            digest = fingerprint(request)
+            existing = self.alerts.get(request.alert_id)
+            if existing is not None:
+                if existing.fingerprint != digest:
+                    raise AlreadyExists(
+                        f"alert_id {request.alert_id!r} is already used by an alert with other "
+                        "content; use UpdateAlert to change it"
+                    )
+                return existing, False
+            now = self.clock.now()
+            alert = AlertState(
+                alert_id=request.alert_id,
+                fingerprint=digest,
+                centre_lat=centres[0],
+                centre_lng=centres[1],
+                centre_labels=centres[2],
+                start_time=start_time,
+                schedule=schedule,
+                payload=request.payload,
+                created_at=now,
+                updated_at=now,
+            )
+            alert.set_schedule(schedule)
+            change = Change(self.journal)
+            change.log(
+                alert.alert_id,
+                {
+                    "action": "create",
+                    "at": now,
+                    "start_time": start_time,
+                    "schedule": _schedule_record(schedule),
+                    "request": encode_request(request),
+                },
+            )
+            change.audit = self._audit(actor or {}, "CreateAlert", alert.alert_id, 1, request)
+            await self._commit(change, lambda: self._install(alert))
+            return alert, True
+
+    def _install(self, alert: AlertState) -> None:
         self.alerts[alert.alert_id] = alert
         self.metrics.alerts.labels(event="created").inc()
         _LOG.info(
             "alert %s created: %d centre(s), schedule %s (%s), starts in %.0f s",
             alert.alert_id,
             alert.centre_lat.size,
-            schedule.name or "inline",
-            schedule.describe(),
-            max(0.0, start_time - now),
+            alert.schedule.name or "inline",
+            alert.schedule.describe(),
+            max(0.0, alert.start_time - self.clock.now()),
         )
-        return alert, True
 
     async def update(
         self,
         alert: AlertState,
+        request: alert_pb2.UpdateAlertRequest,
         centres: tuple[np.ndarray, np.ndarray, list[str]] | None,
         payload: alert_pb2.AlertPayload | None,
         schedule: Schedule | None,
+        actor: dict | None = None,
     ) -> None:
-        """Applies a checked update (see the module docstring)."""
-        if alert.closed:
-            raise FailedPrecondition(
-                f"alert {alert.alert_id!r} is {_status_word(alert.status)}; it cannot change"
+        """Applies a checked update once it is durable (see the module docstring)."""
+        async with self._actions:
+            if alert.closed:
+                raise FailedPrecondition(
+                    f"alert {alert.alert_id!r} is {_status_word(alert.status)}; it cannot change"
+                )
+            if centres is None and payload is None and schedule is None:
+                raise AlertError("nothing to update: set centres, payload or a schedule")
+            change = Change(self.journal)
+            record = {
+                "action": "update",
+                "at": self.clock.now(),
+                "request": encode_request(request),
+            }
+            if schedule is not None:
+                record["schedule"] = _schedule_record(schedule)
+            change.log(alert.alert_id, record)
+            change.audit = self._audit(
+                actor or {}, "UpdateAlert", alert.alert_id, alert.version + 1, request
             )
-        if centres is None and payload is None and schedule is None:
-            raise AlertError("nothing to update: set centres, payload or a schedule")
-        alert.version += 1
-        alert.updated_at = self.clock.now()
-        changes = []
-        if payload is not None:
-            alert.payload = payload
-            alert.payload_version = alert.version
-            for box in self.outboxes.values():
-                if alert.alert_id in box.payload_versions:
-                    self._queue_payload(alert, box.gateway_id)
-            changes.append("payload")
-        if schedule is not None:
-            alert.set_schedule(schedule)
-            changes.append(f"schedule {schedule.name or 'inline'} ({schedule.describe()})")
-        if centres is not None:
-            alert.centre_lat, alert.centre_lng, alert.centre_labels = centres
-            changes.append(f"{centres[0].size} centre(s)")
-        _LOG.info("alert %s updated to version %d: %s", alert.alert_id, alert.version, changes)
-        self._emit(alert, alert_pb2.ALERT_EVENT_KIND_UPDATED)
+            await self._commit(
+                change, lambda: self._apply_update(alert, centres, payload, schedule, record["at"])
+            )
 
         if schedule is not None:
             await self.advance(alert)  # may start stages, or expire the alert
@@ -363,31 +447,86 @@ class Dispatcher:
             reason = "new centres" if centres is not None else "new schedule"
             await self._sweep(alert, alert.stage + 1, reason=reason)
 
-    def resolve(
-        self, alert: AlertState, resolution: int, follow_up: Iterable[alert_pb2.LocalizedNotice]
+    def _apply_update(self, alert, centres, payload, schedule, at: float, replay=False) -> None:
+        alert.version += 1
+        alert.updated_at = at
+        changes = []
+        if payload is not None:
+            alert.payload = payload
+            alert.payload_version = alert.version
+            if not replay:
+                change = Change(self.journal)
+                for box in self.outboxes.values():
+                    if alert.alert_id in box.payload_versions:
+                        self._queue_payload(alert, box.gateway_id, change)
+                self.journal.submit(change.op())
+            changes.append("payload")
+        if schedule is not None:
+            alert.set_schedule(schedule)
+            changes.append(f"schedule {schedule.name or 'inline'} ({schedule.describe()})")
+        if centres is not None:
+            alert.centre_lat, alert.centre_lng, alert.centre_labels = centres
+            changes.append(f"{centres[0].size} centre(s)")
+        if replay:
+            return
+        _LOG.info("alert %s updated to version %d: %s", alert.alert_id, alert.version, changes)
+        self._emit(alert, alert_pb2.ALERT_EVENT_KIND_UPDATED)
+
+    async def resolve(
+        self,
+        alert: AlertState,
+        request: alert_pb2.ResolveAlertRequest,
+        actor: dict | None = None,
     ) -> None:
-        """Closes an alert for good (see the module docstring)."""
-        if alert.status == RESOLVED:
-            raise FailedPrecondition(f"alert {alert.alert_id!r} is already resolved")
-        follow_up = list(follow_up)
+        """Closes an alert for good, once that is durable (see the module docstring)."""
+        async with self._actions:
+            if alert.status == RESOLVED:
+                raise FailedPrecondition(f"alert {alert.alert_id!r} is already resolved")
+            change = Change(self.journal)
+            at = self.clock.now()
+            change.log(
+                alert.alert_id,
+                {"action": "resolve", "at": at, "request": encode_request(request)},
+            )
+            change.audit = self._audit(
+                actor or {}, "ResolveAlert", alert.alert_id, alert.version + 1, request
+            )
+            await self._commit(
+                change,
+                lambda: self._apply_resolve(alert, request.resolution, list(request.follow_up), at),
+            )
+
+    def _apply_resolve(self, alert, resolution: int, follow_up: list, at: float) -> None:
+        """The resolve in memory, and its messages: withdraw what was never sent, CLOSED
+        after what was, then the follow-up."""
         alert.status, alert.resolution = RESOLVED, resolution
         alert.stage = None
         alert.version += 1
-        alert.closed_at = alert.updated_at = self.clock.now()
+        alert.closed_at = alert.updated_at = at
         self._refresh_rings()
 
+        change = Change(self.journal)
         withdrawn = 0
         reached = 0
         for box in list(self.outboxes.values()):
             if alert.alert_id not in box.payload_versions:
                 continue
-            for entry in box.withdraw(alert.alert_id, KIND_RECIPIENTS):
+            removed = box.withdraw(alert.alert_id, KIND_RECIPIENTS)
+            change.removed(box, removed)
+            for entry in removed:
                 alert.stages[entry.stage - 1].tally(box.gateway_id).withdrawn += entry.devices
+                change.count(
+                    alert.alert_id, f"s{entry.stage}:g{box.gateway_id}:withdrawn", entry.devices
+                )
                 withdrawn += entry.devices
-            self._queue_closed(alert, box.gateway_id, follow_up)
+            self._queue_closed(alert, box.gateway_id, follow_up, change)
             if follow_up:
-                reached += self._queue_follow_up(alert, box)
+                reached += self._queue_follow_up(alert, box, change)
         alert.follow_up_devices = reached
+        alert.close_written = True
+        change.state(alert.alert_id, "closed", 1)
+        change.state(alert.alert_id, "follow_up_devices", reached)
+        self.journal.submit(change.op())
         self.metrics.alerts.labels(event="resolved").inc()
         self.metrics.active.set(self._active_count())
         _LOG.info(
@@ -401,7 +540,7 @@ class Dispatcher:
         )
         self._emit(alert, alert_pb2.ALERT_EVENT_KIND_RESOLVED, final=True)
 
-    def _queue_closed(self, alert: AlertState, gateway: int, follow_up: list) -> None:
+    def _queue_closed(self, alert: AlertState, gateway: int, follow_up: list, change) -> None:
         header = gateway_pb2.GatewayMessage(
             kind=KIND_CLOSED,
             alert_id=alert.alert_id,
@@ -409,9 +548,9 @@ class Dispatcher:
             resolution=alert.resolution,
             follow_up=follow_up,
         )
-        self._queue(gateway, Entry(KIND_CLOSED, alert.alert_id, header))
+        self._queue(gateway, Entry(KIND_CLOSED, alert.alert_id, header), change)
 
-    def _queue_follow_up(self, alert: AlertState, box: Outbox) -> int:
+    def _queue_follow_up(self, alert: AlertState, box: Outbox, change: Change) -> int:
         """The follow-up goes to the devices handed over to this gateway: acked, or sent
         and in flight (the gateway handles those before the CLOSED message)."""
         parts = list(alert.acked_ids.get(box.gateway_id, []))
@@ -425,19 +564,23 @@ class Dispatcher:
         ids = np.unique(np.concatenate(parts))
         for start in range(0, ids.size, self.batch_devices):
             header = gateway_pb2.GatewayMessage(kind=KIND_FOLLOW_UP, alert_id=alert.alert_id)
-            entry = Entry(
-                KIND_FOLLOW_UP, alert.alert_id, header, 0, ids[start : start + self.batch_devices]
+            chunk = ids[start : start + self.batch_devices]
+            self._queue(
+                box.gateway_id, Entry(KIND_FOLLOW_UP, alert.alert_id, header, 0, chunk), change
             )
-            self._queue(box.gateway_id, entry)
         return int(ids.size)
 
     def _expire(self, alert: AlertState) -> None:
         alert.status, alert.stage = EXPIRED, None
         alert.closed_at = alert.updated_at = self.clock.now()
         self._refresh_rings()
+        change = Change(self.journal)
+        change.log(alert.alert_id, {"action": "expire", "at": alert.closed_at})
+        change.audit = self._audit({}, "ExpireAlert", alert.alert_id, alert.version, None)
         for box in self.outboxes.values():
             if alert.alert_id in box.payload_versions:
-                self._queue_closed(alert, box.gateway_id, [])
+                self._queue_closed(alert, box.gateway_id, [], change)
+        self.journal.submit(change.op())
         self.metrics.alerts.labels(event="expired").inc()
         _LOG.info(
             "alert %s expired after %d stage(s): %d devices notified",
@@ -446,6 +589,126 @@ class Dispatcher:
             len(alert.record),
         )
         self._emit(alert, alert_pb2.ALERT_EVENT_KIND_EXPIRED, final=True)
+
+    # Restart.
+
+    def restore(self, restored: Restored) -> None:
+        """Rebuilds alerts and gateway queues from what the journal read back: replays
+        each alert's accepted actions, then its tallies, notified devices and acks.
+        Call before serving; then :meth:`catch_up` each open alert."""
+        for alert_id, data in restored.alerts.items():
+            alert = self._replay(alert_id, [json.loads(raw) for raw in data["log"]])
+            if alert is None:
+                _LOG.error("alert %s: no create in its journal log; skipped", alert_id)
+                continue
+            self._restore_state(alert, data["state"])
+            for gateway, blob in data["notified"].items():
+                alert.record.add(gateway, ids_from_bytes(blob))
+            for gateway, blob in data["acked"].items():
+                alert.acked_ids[gateway] = [ids_from_bytes(blob)]
+            self.alerts[alert_id] = alert
+        for gateway, data in restored.gateways.items():
+            box = self.outbox(gateway)
+            box.acked = data["acked"]
+            box.next_sequence = box.acked + 1
+            box.next_queue_id = data["last_id"] + 1
+            box.payload_versions = dict(data["payloads"])
+            for stream_id, fields in data["entries"]:
+                entry = restore_entry(gateway, stream_id, fields)
+                box.queued.append(entry)
+        # A resolve whose messages were not written before a crash: write them now.
+        for alert in self.alerts.values():
+            if alert.status == RESOLVED and not alert.close_written:
+                self._apply_resolve(alert, alert.resolution, alert.follow_up_texts, alert.closed_at)
+        self._refresh_rings()
+        self.metrics.active.set(self._active_count())
+        queued = sum(len(box.queued) for box in self.outboxes.values())
+        _LOG.info(
+            "restored %d alert(s) (%d open) and %d gateway queue(s) with %d message(s) to send",
+            len(self.alerts),
+            sum(1 for a in self.alerts.values() if not a.closed),
+            len(self.outboxes),
+            queued,
+        )
+
+    def _replay(self, alert_id: str, records: list[dict]) -> AlertState | None:
+        alert = None
+        for record in records:
+            action, at = record["action"], record["at"]
+            if action == "create":
+                request = decode_request(alert_pb2.CreateAlertRequest, record["request"])
+                schedule = _schedule_from_record(record["schedule"])
+                alert = AlertState(
+                    alert_id=alert_id,
+                    fingerprint=fingerprint(request),
+                    centre_lat=np.array([c.latitude for c in request.centres]),
+                    centre_lng=np.array([c.longitude for c in request.centres]),
+                    centre_labels=[c.label for c in request.centres],
+                    start_time=record["start_time"],
+                    schedule=schedule,
+                    payload=request.payload,
+                    created_at=at,
+                    updated_at=at,
+                )
+                alert.set_schedule(schedule)
+            elif alert is None:
+                continue
+            elif action == "update":
+                request = decode_request(alert_pb2.UpdateAlertRequest, record["request"])
+                centres = None
+                if request.HasField("centres"):
+                    cs = request.centres.centres
+                    centres = (
+                        np.array([c.latitude for c in cs]),
+                        np.array([c.longitude for c in cs]),
+                        [c.label for c in cs],
+                    )
+                payload = request.payload if request.HasField("payload") else None
+                schedule = (
+                    _schedule_from_record(record["schedule"]) if "schedule" in record else None
+                )
+                self._apply_update(alert, centres, payload, schedule, at, replay=True)
+            elif action == "resolve":
+                request = decode_request(alert_pb2.ResolveAlertRequest, record["request"])
+                alert.status, alert.resolution, alert.stage = RESOLVED, request.resolution, None
+                alert.follow_up_texts = list(request.follow_up)
+                alert.version += 1
+                alert.closed_at = alert.updated_at = at
+            elif action == "expire" and alert.status != RESOLVED:
+                alert.status, alert.stage = EXPIRED, None
+                alert.closed_at = alert.updated_at = at
+        return alert
+
+    @staticmethod
+    def _restore_state(alert: AlertState, state: dict[str, str]) -> None:
+        for name, value in state.items():
+            parts = name.split(":")
+            if parts[0] == "started":
+                alert.stages[int(parts[1]) - 1].started_at = float(value)
+            elif parts[0] == "closed":
+                alert.close_written = True
+            elif parts[0] == "follow_up_devices":
+                alert.follow_up_devices = int(value)
+            elif len(parts) == 2 and parts[1] == "walked":
+                alert.stages[int(parts[0][1:]) - 1].walked_in = int(value)
+            elif len(parts) == 3:
+                tally = alert.stages[int(parts[0][1:]) - 1].tally(int(parts[1][1:]))
+                setattr(tally, parts[2], int(value))
+        for stage in alert.stages:
+            for tally in stage.gateways.values():
+                tally.handed_over = tally.acked  # the rest is sent again
+        if not alert.closed:
+            started = [i for i, stage in enumerate(alert.stages) if stage.started_at is not None]
+            alert.stage = started[-1] if started else None
+            alert.status = ACTIVE if started else SCHEDULED
+
+    async def catch_up(self, alert: AlertState) -> None:
+        """After a restart: brings an open alert to the stage its timeline implies, and
+        sweeps the running stage again for the devices that came into its ring while the
+        engine was down (the record keeps everyone else out)."""
+        await self.advance(alert)
+        if alert.status == ACTIVE and alert.stage is not None:
+            await self._sweep(alert, alert.stage + 1, reason="restart catch-up")
 
     # Stages.
 
@@ -470,6 +733,9 @@ class Dispatcher:
                 return
             alert.status, alert.stage = ACTIVE, stage
             alert.stages[stage].started_at = self.clock.now()
+            change = Change(self.journal)
+            change.state(alert.alert_id, f"started:{stage + 1}", alert.stages[stage].started_at)
+            self.journal.submit(change.op())
             self._refresh_rings()
             self.metrics.active.set(self._active_count())
             self._emit(alert, alert_pb2.ALERT_EVENT_KIND_STAGE_STARTED, stage_number=stage + 1)
@@ -733,6 +999,18 @@ class Dispatcher:
                 keep = ~np.isin(entry.ids, ids)
                 if not keep.all():
                     entry.ids = entry.ids[keep]
+
+
+def _schedule_record(schedule: Schedule) -> dict:
+    return {
+        "name": schedule.name,
+        "stages": [[stage.radius_m, stage.duration_s] for stage in schedule.stages],
+    }
+
+
+def _schedule_from_record(record: dict) -> Schedule:
+    stages = tuple(Stage(float(r), int(d)) for r, d in record["stages"])
+    return Schedule(stages, name=record.get("name", ""))
 
 
 def _status_word(status: int) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from engine import schedules, tools
+from engine import schedules, security_cli, tools
 from engine.api import alert_pb2
 
 #: Where the alert commands find the engine unless --server says otherwise.
@@ -45,15 +45,22 @@ def serve(args: argparse.Namespace) -> int:
     from engine.server import ServerOptions
     from engine.server import serve as run_server
 
-    if not args.dev:
-        raise UsageError(
-            "no credentials are configured, so every caller would be trusted: pass --dev to "
-            "run such a server for local use"
-        )
+    try:
+        security = security_cli.server_security(args, dev=args.dev)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if security.dev_tokens is not None:
+        logging.getLogger("engine.server").warning(
+            "development credentials: tokens for the issuer, the operator and each gateway's "
+            "reporter and gateway are in %s",
+            security.dev_tokens,
+        )
+    if not 1 <= args.batch_devices <= 65536:
+        raise UsageError(f"--batch-devices must be 1 to 65536, got {args.batch_devices}")
     clock = Clock() if args.clock_speed == 1 else ScaledClock(args.clock_speed)
     options = ServerOptions(
         listen=args.listen,
@@ -63,6 +70,12 @@ def serve(args: argparse.Namespace) -> int:
         clock=clock,
         metrics_listen=args.metrics,
         schedules_dir=args.schedules,
+        credentials=security.credentials,
+        tls=security.tls,
+        redis_url=args.redis,
+        audit_log=args.audit_log,
+        snapshot_path=args.snapshot,
+        snapshot_interval_s=args.snapshot_interval,
     )
     try:
         asyncio.run(run_server(options, port_file=args.port_file))
@@ -204,9 +217,13 @@ def _show(message, args: argparse.Namespace, text: str) -> None:
 
 
 def alert_command(args: argparse.Namespace) -> int:
-    from engine.client import alert_stub, connect
+    from engine.client import alert_stub
 
-    stub = alert_stub(connect(args.server))
+    try:
+        channel = security_cli.client_channel(args, args.server)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    stub = alert_stub(channel)
     action = args.action
     try:
         if action == "create":
@@ -292,6 +309,7 @@ def _add_alert_commands(commands) -> None:
         parser.add_argument(
             "--timeout", type=float, default=30.0, help="seconds to wait for the reply (30)"
         )
+        security_cli.add_client_flags(parser)
         parser.set_defaults(handler=alert_command)
 
     def payload_flags(parser: argparse.ArgumentParser) -> None:
@@ -374,7 +392,30 @@ def _add_serve_command(commands) -> None:
     run.add_argument(
         "--dev",
         action="store_true",
-        help="run without credentials: every caller is trusted (local use only)",
+        help="without --credentials: generate credentials for local use, tokens written to "
+        "--dev-tokens",
+    )
+    run.add_argument(
+        "--redis",
+        help="redis://HOST:PORT/DB keeping alerts, recipients, queues and the audit trail "
+        "(default: in this process only, lost at exit)",
+    )
+    run.add_argument(
+        "--snapshot",
+        type=Path,
+        help="Arrow IPC file of the live locations: loaded at start, rewritten periodically, "
+        "at shutdown and after ForgetDevices (off)",
+    )
+    run.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=60.0,
+        help="seconds of the engine's clock between snapshots (60)",
+    )
+    run.add_argument(
+        "--audit-log",
+        type=Path,
+        help="without --redis: JSON-lines file of the hash-chained audit trail (off)",
     )
     run.add_argument("--metrics", help="HOST:PORT to serve Prometheus metrics on (off)")
     run.add_argument(
@@ -406,6 +447,7 @@ def _add_serve_command(commands) -> None:
     run.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning"], help="(info)"
     )
+    security_cli.add_server_flags(run)
     run.set_defaults(handler=serve)
 
 
@@ -432,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_command(commands)
     _add_alert_commands(commands)
     tools.add_commands(commands)
+    security_cli.add_commands(commands)
     return parser
 
 

@@ -53,6 +53,10 @@ class Entry:
     sequence: int = 0
     data: bytes = b""
     sent_at: float = 0.0
+    #: Sendable: written to the journal (always, without Redis).
+    durable: bool = True
+    #: Its id in the gateway's Redis stream, ``N-0`` with N the queue number.
+    stream_id: str = ""
 
     @property
     def devices(self) -> int:
@@ -91,6 +95,7 @@ class Outbox:
         gateway_id: int,
         on_sent: Callable[[Entry], None],
         on_acked: Callable[[Entry, float], None],
+        on_ack: Callable[[int, list[Entry]], None] | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.queued: deque[Entry] = deque()
@@ -101,8 +106,11 @@ class Outbox:
         self.wakeup = asyncio.Event()
         #: Payload version each alert's ALERT message was last queued with.
         self.payload_versions: dict[str, int] = {}
+        #: Queue number of the next message (its stream id), from 1.
+        self.next_queue_id = 1
         self._on_sent = on_sent
         self._on_acked = on_acked
+        self._on_ack = on_ack
 
     # Queueing (from the alerts).
 
@@ -154,10 +162,10 @@ class Outbox:
         index = connection.sent_upto - self.acked
         if index < len(self.unacked):
             entry = self.unacked[index]
-        elif self.queued:
+        elif self.queued and self.queued[0].durable:
             entry = self.queued[0]
         else:
-            return None, float("inf")
+            return None, float("inf")  # nothing queued, or not written to Redis yet
 
         # Pacing: a token bucket refilled at the declared rate, holding a second's worth.
         if connection.rate > 0 and entry.devices:
@@ -193,10 +201,14 @@ class Outbox:
         if sequence > last_sent:
             raise ValueError(f"ack {sequence} is beyond the last message sent, {last_sent}")
         now = time.monotonic()
+        done = []
         while self.unacked and self.unacked[0].sequence <= sequence:
             entry = self.unacked.popleft()
+            done.append(entry)
             self._on_acked(entry, now - entry.sent_at)
         self.acked = sequence
+        if self._on_ack is not None and done:
+            self._on_ack(sequence, done)
         self.wakeup.set()
 
     def devices_ahead(self, alert_id: str, stage: int) -> int | None:

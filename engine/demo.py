@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import client, population
+from engine import auth, client, population
 from engine.api import alert_pb2, gateway_pb2
 from engine.index import EARTH_RADIUS_M
 
@@ -104,6 +104,8 @@ def _start_engine(folder: Path, devices: int) -> tuple[subprocess.Popen, int, Pa
         str(SPEED),
         "--ttl",
         str(int(6 * HOUR)),
+        "--dev-tokens",
+        str(folder / "tokens.json"),
     ]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -114,7 +116,22 @@ def _start_engine(folder: Path, devices: int) -> tuple[subprocess.Popen, int, Pa
     return process, int(port_file.read_text()), log
 
 
-def _report_all(channel, people: dict, lat: np.ndarray, lng: np.ndarray) -> tuple[int, float]:
+class Channels:
+    """One channel per credential, as each party would hold its own token."""
+
+    def __init__(self, port: int, tokens: dict[str, str]) -> None:
+        target = f"127.0.0.1:{port}"
+        self.issuer = client.connect(target, token=tokens["dev-issuer"])
+        self.reporters = {
+            g: client.connect(target, token=tokens[f"dev-reporter-{g}"])
+            for g in population.GATEWAYS
+        }
+        self.gateways = {
+            g: client.connect(target, token=tokens[f"dev-gateway-{g}"]) for g in population.GATEWAYS
+        }
+
+
+def _report_all(channels, people: dict, lat: np.ndarray, lng: np.ndarray) -> tuple[int, float]:
     """Each partner app streams its devices' positions on its own thread."""
     summaries = []
 
@@ -124,7 +141,7 @@ def _report_all(channel, people: dict, lat: np.ndarray, lng: np.ndarray) -> tupl
             client.encode_batch(gateway, people["device_id"][part], lat[part], lng[part])
             for part in np.array_split(rows, max(1, math.ceil(rows.size / BATCH)))
         )
-        summaries.append(client.report(channel, batches))
+        summaries.append(client.report(channels.reporters[gateway], batches))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=app, args=(g,)) for g in population.GATEWAYS]
@@ -177,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         process, port, log = _start_engine(Path(scratch), args.devices)
         try:
-            return _story(args, port, out, started)
+            tokens = auth.read_dev_tokens(Path(scratch) / "tokens.json")
+            return _story(args, Channels(port, tokens), port, out, started)
         finally:
             process.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -185,22 +203,21 @@ def run(args: argparse.Namespace) -> int:
             (out / "engine.log").write_text(log.read_text())
 
 
-def _story(args: argparse.Namespace, port: int, out: Path, started: float) -> int:
-    channel = client.connect(f"127.0.0.1:{port}")
-    alerts = client.alert_stub(channel)
+def _story(args: argparse.Namespace, channels, port: int, out: Path, started: float) -> int:
+    alerts = client.alert_stub(channels.issuer)
     print(f"engine up on 127.0.0.1:{port}, its clock running {SPEED:g}x (1 s real = 6 min)")
 
     # The population, reported by three partner apps.
     people = population.metro(args.devices, seed=args.seed, city=args.city)
     lat, lng = people["lat"], people["lng"]
-    _, seconds = _report_all(channel, people, lat, lng)
+    _, seconds = _report_all(channels, people, lat, lng)
     print(
         f"3 partner apps reported {args.devices:,} devices around {args.city} over gRPC in "
         f"{seconds:.2f} s ({args.devices / seconds / 1e6:.2f} M reports/s)"
     )
 
     gateways = {
-        g: Gateway(channel, g, PACED_RATE if g == PACED_GATEWAY else 0.0)
+        g: Gateway(channels.gateways[g], g, PACED_RATE if g == PACED_GATEWAY else 0.0)
         for g in population.GATEWAYS
     }
     print(
@@ -280,7 +297,7 @@ def _story(args: argparse.Namespace, port: int, out: Path, started: float) -> in
                 *positions[-1], seed=args.seed + step, step_m=150.0
             )
             positions.append((moved_lat, moved_lng))
-            found, _ = _report_all(channel, people, moved_lat, moved_lng)
+            found, _ = _report_all(channels, people, moved_lat, moved_lng)
             movement["walked"] += found
             movement["moved"] += moved_lat.size
 

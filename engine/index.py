@@ -244,6 +244,16 @@ class LocationIndex:
         radius = self._radius(radius_m)
         return self._core.new_recipients(record, lats, lngs, radius, self._now(now))
 
+    def positions(
+        self, device_id: object, gateway: object = 0, *, now: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The positions held for devices, as ``(lat, lng)`` float64 arrays in degrees
+        (to the centimetre), NaN for a device not held or expired. After a batch of
+        reports this is where each device stands, whichever reports were stale."""
+        ids = _integers("device_id", device_id, 2**64 - 1, np.uint64)
+        gateways = _integers("gateway", gateway, 65535, np.uint16)
+        return self._core.positions(ids, gateways, self._now(now))
+
     def expire(self, *, now: float | None = None) -> int:
         """Drops the devices whose last report is older than the time-to-live; returns
         how many. Queries never answer them anyway; this frees their memory."""

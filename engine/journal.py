@@ -323,9 +323,15 @@ class Journal:
             while page := await r.xrange(self.key("gateway", gateway, "queue"), start, count=1000):
                 entries.extend(page)
                 start = "(" + page[-1][0].decode()
+            try:
+                info = await r.xinfo_stream(self.key("gateway", gateway, "queue"))
+                last_id = int(_text(info["last-generated-id"]).split("-")[0])
+            except Exception:  # no stream yet
+                last_id = 0
             payloads = await r.hgetall(self.key("gateway", gateway, "payloads"))
             restored.gateways[gateway] = {
                 "acked": int(await r.get(self.key("gateway", gateway, "acked")) or 0),
+                "last_id": last_id,
                 "entries": entries,
                 "payloads": {k.decode(): int(v) for k, v in payloads.items()},
             }
@@ -334,3 +340,7 @@ class Journal:
             seq, digest = head.decode().split()
             restored.audit_seq, restored.audit_head = int(seq), digest
         return restored
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -27,14 +27,17 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine import schedules
+from engine import audit, auth, metrics_http, schedules
 from engine.alerts import AlertError, Dispatcher
 from engine.api import alert_pb2, alert_pb2_grpc, gateway_pb2, location_pb2
 from engine.clock import Clock
 from engine.delivery import DEFAULT_WINDOW, MAX_WINDOW
 from engine.index import DEFAULT_RESOLUTION, DEFAULT_TTL_S, LocationIndex
+from engine.journal import Journal
 from engine.metrics import Metrics
 from engine.schedules import Schedule, ScheduleError
+from engine.snapshot import Snapshotter
+from engine.tls import ServerTLS
 
 _LOG = logging.getLogger("engine.server")
 
@@ -162,6 +165,22 @@ class ServerOptions:
     ingest_threads: int = 4
     #: Threads running ring queries.
     query_threads: int = 2
+    #: Who may call what; required unless ``allow_all_callers``.
+    credentials: auth.Credentials | None = None
+    #: Admits every call without a token (tests of the handlers only).
+    allow_all_callers: bool = False
+    #: Certificate and key (and client CA for mutual TLS); plaintext when None.
+    tls: ServerTLS | None = None
+    #: ``redis://HOST:PORT/DB`` keeping the durable state; in memory only when None.
+    redis_url: str | None = None
+    #: Prefix of every Redis key of this engine.
+    redis_prefix: str = "tuanyuan:"
+    #: Without Redis: a JSON-lines file for the audit trail (kept in memory when None).
+    audit_log: Path | None = None
+    #: Arrow IPC file of the live locations, loaded at start and rewritten periodically.
+    snapshot_path: Path | None = None
+    #: Seconds of the engine's clock between two snapshots.
+    snapshot_interval_s: float = 60.0
 
 
 def _split_host_port(text: str, flag: str) -> tuple[str, int]:
@@ -185,16 +204,38 @@ class EngineServer:
             for path in sorted(Path(options.schedules_dir).glob("*.toml")):
                 schedule = schedules.load(path)
                 self.schedules[schedule.name or path.stem] = schedule
+        if options.credentials is None and not options.allow_all_callers:
+            raise ValueError("an engine needs credentials (or allow_all_callers for tests)")
         self.metrics = Metrics(lambda: self.index.live())
         self.ingest_pool = ThreadPoolExecutor(options.ingest_threads, "ingest")
         self.query_pool = ThreadPoolExecutor(options.query_threads, "query")
+        self.audit_file = None
+        if options.audit_log is not None and options.redis_url is None:
+            self.audit_file = audit.AuditFile(options.audit_log)
+        self.journal = Journal(
+            options.redis_url,
+            prefix=options.redis_prefix,
+            seal=audit.seal,
+            audit_sink=self.audit_file.write_sealed if self.audit_file else None,
+            on_availability=self._store_availability,
+        )
+        if self.audit_file is not None:
+            self.journal.audit_seq = self.audit_file.chain.seq
+            self.journal.audit_head = self.audit_file.chain.last_hash
         self.dispatcher = Dispatcher(
             self.index,
             self.clock,
             self.query_pool,
             self.metrics,
             batch_devices=options.batch_devices,
+            journal=self.journal,
         )
+        self.snapshotter = None
+        if options.snapshot_path is not None:
+            self.snapshotter = Snapshotter(
+                self.index, Path(options.snapshot_path), self.clock, options.snapshot_interval_s
+            )
+        self._snapshots: asyncio.Task | None = None
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -203,13 +244,32 @@ class EngineServer:
         self._scheduler: asyncio.Task | None = None
         self._health = health.aio.HealthServicer()
 
+    def _store_availability(self, available: bool) -> None:
+        """While Redis is unreachable, AlertService reports NOT_SERVING."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if available
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        asyncio.get_running_loop().create_task(self._health.set(SERVICES[0], status))
+
     async def start(self) -> int:
-        """Binds and starts serving; returns the gRPC port."""
+        """Loads the snapshot and the durable state, binds and starts serving; returns
+        the gRPC port."""
+        if self.snapshotter is not None:
+            await self.snapshotter.load()
+        restored = await self.journal.start()
+        self.dispatcher.restore(restored)
+        if self.options.allow_all_callers:
+            interceptor = auth.AuthInterceptor(None, insecure_allow_all=True)
+        else:
+            interceptor = auth.AuthInterceptor(self.options.credentials, auth.RateLimits())
         server = grpc.aio.server(
+            interceptors=[interceptor],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         alert_pb2_grpc.add_AlertServiceServicer_to_server(AlertServicer(self), server)
         server.add_generic_rpc_handlers((_location_handler(self), _gateway_handler(self)))
@@ -218,7 +278,12 @@ class EngineServer:
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         host, port = _split_host_port(self.options.listen, "--listen")
-        self.port = server.add_insecure_port(f"{host}:{port}")
+        if self.options.tls is not None:
+            self.port = server.add_secure_port(
+                f"{host}:{port}", self.options.tls.grpc_credentials()
+            )
+        else:
+            self.port = server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.options.listen}")
         await server.start()
@@ -227,8 +292,19 @@ class EngineServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.options.metrics_listen:
             host, port = _split_host_port(self.options.metrics_listen, "--metrics")
-            self._metrics_http, self.metrics_port = self.metrics.serve(host, port)
-        self._scheduler = asyncio.get_running_loop().create_task(self.dispatcher.run(self._stop))
+            if self.options.credentials is not None:
+                self._metrics_http, self.metrics_port = metrics_http.serve_metrics(
+                    self.metrics.registry, host, port, self.options.credentials, self.options.tls
+                )
+            else:
+                self._metrics_http, self.metrics_port = self.metrics.serve(host, port)
+        loop = asyncio.get_running_loop()
+        self._scheduler = loop.create_task(self.dispatcher.run(self._stop))
+        if self.snapshotter is not None:
+            self._snapshots = loop.create_task(self.snapshotter.run(self._stop))
+        for alert in list(self.dispatcher.alerts.values()):
+            if not alert.closed:
+                self.dispatcher.spawn(self.dispatcher.catch_up(alert))
         _LOG.info(
             "serving on %s:%d (TTL %g s, H3 resolution %d, schedules: %s)%s",
             host,
@@ -251,6 +327,13 @@ class EngineServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self.ingest_pool.shutdown(wait=True)
+        if self.snapshotter is not None:
+            if self._snapshots is not None:
+                await self._snapshots
+            await self.snapshotter.write_now("shutdown")
+        await self.journal.close()
+        if self.audit_file is not None:
+            self.audit_file.close()
         self.query_pool.shutdown(wait=True)
         _LOG.info(
             "stopped: %d live devices, %d alerts", self.index.live(), len(self.dispatcher.alerts)
@@ -287,6 +370,12 @@ class EngineServer:
         return None
 
 
+def _actor() -> dict:
+    """Who is calling, for the audit trail."""
+    caller = auth.current_caller()
+    return {"actor": caller.name, "role": caller.role, "peer": caller.peer}
+
+
 class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
     def __init__(self, engine: EngineServer) -> None:
         self.engine = engine
@@ -295,7 +384,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
     async def _run(self, context, work):
         try:
             return await work()
-        except AlertError as error:
+        except (AlertError, auth.Forbidden) as error:
             await context.abort(grpc.StatusCode[error.status], str(error))
 
     async def CreateAlert(self, request, context):
@@ -304,7 +393,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
             _check_alert_id(request.alert_id)
             existing = self.dispatcher.alerts.get(request.alert_id)
             if existing is not None:  # the same content again, or ALREADY_EXISTS
-                alert, _ = self.dispatcher.create(request, existing.schedule, None, 0.0)
+                alert, _ = await self.dispatcher.create(request, existing.schedule, None, 0.0)
                 return self.dispatcher.snapshot(alert)
             centres = _centres(request.centres, "centres")
             schedule = self.engine.schedule_of(request, "schedule")
@@ -316,7 +405,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
                 start = request.start_time.ToNanoseconds() / 1e9
                 if start > now + MAX_START_AHEAD_S:
                     raise Invalid("start_time is more than a day ahead")
-            alert, new = self.dispatcher.create(request, schedule, centres, start)
+            alert, new = await self.dispatcher.create(request, schedule, centres, start, _actor())
             if new:
                 self.dispatcher.spawn(self.dispatcher.advance(alert))
             return self.dispatcher.snapshot(alert)
@@ -338,7 +427,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
                 payload = request.payload
             schedule = self.engine.schedule_of(request, "")
             alert = self.dispatcher.get(request.alert_id)
-            await self.dispatcher.update(alert, centres, payload, schedule)
+            await self.dispatcher.update(alert, request, centres, payload, schedule, _actor())
             return self.dispatcher.snapshot(alert)
 
         return await self._run(context, work)
@@ -354,7 +443,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
                 raise Invalid("resolution must be FOUND, CANCELLED or FALSE_REPORT")
             _notices(request.follow_up, "follow_up")
             alert = self.dispatcher.get(request.alert_id)
-            self.dispatcher.resolve(alert, request.resolution, request.follow_up)
+            await self.dispatcher.resolve(alert, request, _actor())
             return self.dispatcher.snapshot(alert)
 
         return await self._run(context, work)
@@ -385,7 +474,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
     async def WatchAlert(self, request, context):
         try:
             alert = self.dispatcher.get(request.alert_id)
-        except AlertError as error:
+        except (AlertError, auth.Forbidden) as error:
             await context.abort(grpc.StatusCode[error.status], str(error))
         queue = self.dispatcher.watch(alert)
         try:
@@ -412,7 +501,7 @@ class _BadBatch(Exception):
     pass
 
 
-def _apply_batch(engine: EngineServer, raw: bytes, number: int):
+def _apply_batch(engine: EngineServer, raw: bytes, number: int, caller: auth.Caller):
     """In an ingest thread: parses, checks and applies one batch, then runs the geofence."""
     where = f"batch {number}"
     try:
@@ -421,6 +510,7 @@ def _apply_batch(engine: EngineServer, raw: bytes, number: int):
         raise _BadBatch(f"{where}: not a LocationBatch: {error}") from None
     if batch.gateway_id > MAX_GATEWAY:
         raise _BadBatch(f"{where}: gateway_id must be 0 to {MAX_GATEWAY}, got {batch.gateway_id}")
+    auth.check_gateway(caller, batch.gateway_id, f"report devices ({where})")
     ids = np.array(batch.device_ids, dtype=np.uint64)
     lat = np.array(batch.latitudes, dtype=np.float64)
     lng = np.array(batch.longitudes, dtype=np.float64)
@@ -438,22 +528,34 @@ def _apply_batch(engine: EngineServer, raw: bytes, number: int):
         if first in _INDEX_FIELDS:
             message = f"{_INDEX_FIELDS[first]}:{rest}"
         raise _BadBatch(f"{where}: {message}") from None
-    found = engine.dispatcher.walk_ins(batch.gateway_id, ids, lat, lng) if ids.size else []
+    found = []
+    if ids.size and engine.dispatcher.rings:
+        # The geofence tests where the batch left each device, not the raw reports: a
+        # stale report, or one overridden later in the batch, moves nobody.
+        held = np.unique(ids)
+        held_lat, held_lng = engine.index.positions(held, batch.gateway_id)
+        live = ~np.isnan(held_lat)
+        found = engine.dispatcher.walk_ins(
+            batch.gateway_id, held[live], held_lat[live], held_lng[live]
+        )
     return batch.gateway_id, ids.size, counts, found
 
 
 async def _report_locations(engine: EngineServer, request_iterator, context):
     loop = asyncio.get_running_loop()
+    caller = auth.current_caller()  # thread pools do not carry context variables
     summary = location_pb2.ReportSummary()
     number = 0
     async for raw in request_iterator:
         try:
             gateway, reports, counts, found = await loop.run_in_executor(
-                engine.ingest_pool, _apply_batch, engine, raw, number
+                engine.ingest_pool, _apply_batch, engine, raw, number, caller
             )
         except _BadBatch as error:
             _LOG.warning("location report stream refused: %s", error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except auth.Forbidden as error:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
         summary.batches += 1
         summary.reports += reports
         summary.added += counts[0]
@@ -476,11 +578,24 @@ async def _forget_devices(engine: EngineServer, request, context):
             grpc.StatusCode.INVALID_ARGUMENT,
             f"device_ids: at most {MAX_FORGET} a call, got {len(request.device_ids)}",
         )
+    try:
+        auth.check_gateway(auth.current_caller(), request.gateway_id, "forget devices")
+    except auth.Forbidden as error:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
     ids = np.array(request.device_ids, dtype=np.uint64)
     forgotten = await asyncio.get_running_loop().run_in_executor(
         engine.ingest_pool, engine.index.remove, ids, request.gateway_id
     )
     engine.dispatcher.forget(request.gateway_id, ids)
+    if engine.snapshotter is not None and forgotten:
+        # The opted-out devices leave the snapshot file before the call returns.
+        try:
+            await engine.snapshotter.write_now("devices forgotten")
+        except OSError as error:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"forgotten in memory, but the snapshot could not be rewritten ({error}); retry",
+            )
     _LOG.info(
         "gateway %d: %d devices opted out, %d were held", request.gateway_id, ids.size, forgotten
     )
@@ -540,6 +655,10 @@ async def _subscribe(engine: EngineServer, request_iterator, context):
             f"{hello.max_unacked_messages}",
         )
 
+    try:
+        auth.check_gateway(auth.current_caller(), hello.gateway_id, "subscribe to its queue")
+    except auth.Forbidden as error:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
     gateway = hello.gateway_id
     box = engine.dispatcher.outbox(gateway)
     connection = box.attach(

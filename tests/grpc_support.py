@@ -386,7 +386,12 @@ class Engine:
     def __init__(self, *, batch_devices: int = 16_384, ttl_s: float = TTL_S) -> None:
         self.clock = ManualClock(START)
         self.thread = ServerThread(
-            ServerOptions(clock=self.clock, ttl_s=ttl_s, batch_devices=batch_devices)
+            ServerOptions(
+                clock=self.clock,
+                ttl_s=ttl_s,
+                batch_devices=batch_devices,
+                allow_all_callers=True,
+            )
         )
         self.port = self.thread.start()
         self.channel = client.connect(f"127.0.0.1:{self.port}")

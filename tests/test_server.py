@@ -434,12 +434,6 @@ def client_batch(gateway, ids, places, observed_at=None) -> bytes:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: the geofence tests every report of a batch, including the ones "
-    "the index ignores as older than the position it holds (Dispatcher.walk_ins reads "
-    "the raw batch, not what upsert applied)",
-)
 def test_a_stale_report_inside_the_ring_notifies_nobody(fenced):
     engine, _ = fenced
     old = engine.clock.now() - 60
@@ -448,11 +442,6 @@ def test_a_stale_report_inside_the_ring_notifies_nobody(fenced):
     assert summary.geofence_recipients == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a device reported twice in one batch, first inside the ring and "
-    "then (winning) outside it, is notified, though the batch leaves it outside",
-)
 def test_a_report_superseded_in_its_batch_notifies_nobody(fenced):
     engine, far = fenced
     summary = engine.report([client_batch(7, [42, 42], [BEIJING, far])])
