@@ -228,6 +228,37 @@ impl LocationIndex {
         Ok(store.apply(&batch, &prepared, &located, cutoff))
     }
 
+    /// The positions the index holds for devices (`gateways` one per id, or one for
+    /// all): latitude and longitude in degrees, NaN for a device not held or expired at
+    /// `now`. This is where a batch of reports left each device, whatever order or age
+    /// the reports had.
+    pub fn positions(
+        &self,
+        ids: &[u64],
+        gateways: &[u16],
+        now: f64,
+    ) -> Result<(Vec<f64>, Vec<f64>), InputError> {
+        if gateways.len() != ids.len() && gateways.len() != 1 {
+            return Err(InputError::Length {
+                name: "gateway",
+                got: gateways.len(),
+                expected: ids.len(),
+            });
+        }
+        let cutoff = self.cutoff(now)?;
+        let store = self.store.read();
+        let (mut lat, mut lng) = (vec![f64::NAN; ids.len()], vec![f64::NAN; ids.len()]);
+        for (i, &id) in ids.iter().enumerate() {
+            let gateway = if gateways.len() == 1 { gateways[0] } else { gateways[i] };
+            if let Some((position, seen)) = store.position_of(DeviceKey { gateway, id }) {
+                if seen >= cutoff {
+                    (lat[i], lng[i]) = geo::fixed_to_latlng(position);
+                }
+            }
+        }
+        Ok((lat, lng))
+    }
+
     /// Forgets devices now. Without `gateways`, an id is forgotten on every gateway
     /// that holds it. Returns how many devices were forgotten.
     pub fn remove(&self, ids: &[u64], gateways: Option<&[u16]>) -> Result<usize, InputError> {

@@ -19,6 +19,9 @@ fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArray1<'_, T>) -> P
     a.as_slice().map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous array")))
 }
 
+/// Latitudes and longitudes, in degrees.
+type Coordinates<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>);
+
 /// Devices notified for one alert, by gateway.
 #[pyclass(module = "engine._core", name = "AlertRecord", frozen, subclass)]
 struct PyAlertRecord(CoreRecord);
@@ -169,6 +172,18 @@ impl PyIndex {
             out.set_item(gateway, ids.into_pyarray(py))?;
         }
         Ok(out)
+    }
+
+    fn positions<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'_, u64>,
+        gateways: PyReadonlyArray1<'_, u16>,
+        now: f64,
+    ) -> PyResult<Coordinates<'py>> {
+        let (ids, gateways) = (slice("device_id", &ids)?, slice("gateway", &gateways)?);
+        let (lat, lng) = py.detach(|| self.0.positions(ids, gateways, now)).map_err(value_error)?;
+        Ok((lat.into_pyarray(py), lng.into_pyarray(py)))
     }
 
     fn expire(&self, py: Python<'_>, now: f64) -> PyResult<usize> {

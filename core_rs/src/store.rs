@@ -360,6 +360,12 @@ impl Store {
         self.shards[shard_of(hash)].find(hash, |&slot| slab.has_key(slot, key)).copied()
     }
 
+    /// The position and last-seen second held for a device, if any.
+    pub fn position_of(&self, key: DeviceKey) -> Option<(FixedVec, u32)> {
+        let slot = self.find(hash_key(key), key)? as usize;
+        Some((self.slab.positions[slot], self.slab.seen[slot]))
+    }
+
     /// Storage cell a slot is filed under.
     fn cell_of(&self, slot: u32) -> u64 {
         let slot = slot as usize;
