@@ -58,6 +58,8 @@ _LOG = logging.getLogger("engine.alerts")
 
 #: Device ids a RECIPIENTS or FOLLOW_UP message carries at most by default.
 DEFAULT_BATCH_DEVICES = 16_384
+#: Seconds after an alert closes that the lists of who it reached are purged (a week).
+DEFAULT_PURGE_AFTER_S = 7 * 24 * 3600.0
 #: Seconds between two PROGRESS events of a watched alert.
 PROGRESS_INTERVAL_S = 0.2
 
@@ -144,6 +146,8 @@ class AlertState:
     progress_due: bool = False
     #: Set once the messages of a resolve (CLOSED, follow-up) are written.
     close_written: bool = False
+    #: Set once the lists of who it reached are purged.
+    purged: bool = False
     #: The follow-up notice of a resolve, kept to write its messages after a restart.
     follow_up_texts: list = field(default_factory=list)
     #: Serialises stage changes of this alert (the scheduler and UpdateAlert).
@@ -195,11 +199,13 @@ class Dispatcher:
         *,
         batch_devices: int = DEFAULT_BATCH_DEVICES,
         journal: Journal | None = None,
+        purge_after_s: float = DEFAULT_PURGE_AFTER_S,
     ) -> None:
         self.index = index
         self.clock = clock
         self.metrics = metrics
         self.batch_devices = batch_devices
+        self.purge_after_s = purge_after_s
         self.journal = journal if journal is not None else Journal(None)
         self.alerts: dict[str, AlertState] = {}
         self.outboxes: dict[int, Outbox] = {}
@@ -687,6 +693,8 @@ class Dispatcher:
                 alert.stages[int(parts[1]) - 1].started_at = float(value)
             elif parts[0] == "closed":
                 alert.close_written = True
+            elif parts[0] == "purged":
+                alert.purged = True
             elif parts[0] == "follow_up_devices":
                 alert.follow_up_devices = int(value)
             elif len(parts) == 2 and parts[1] == "walked":
@@ -782,10 +790,34 @@ class Dispatcher:
         large sweep does not hold back the others."""
         now = self.clock.now()
         for alert in list(self.alerts.values()):
-            if alert.closed or alert.advancing.locked() or now < alert.start_time:
+            if alert.closed:
+                if not alert.purged and now >= alert.closed_at + self.purge_after_s:
+                    self._purge(alert)
+                continue
+            if alert.advancing.locked() or now < alert.start_time:
                 continue
             if alert.schedule.stage_at(now - alert.start_time) != alert.stage:
                 self.spawn(self.advance(alert))
+
+    def _purge(self, alert: AlertState) -> None:
+        """Forgets who a closed alert reached, once ``purge_after_s`` has passed; its
+        counts and its audit trail stay."""
+        gateways = sorted(set(alert.record.gateways()) | set(alert.acked_ids))
+        alert.record = AlertRecord()
+        alert.acked_ids = {}
+        alert.purged = True
+        change = Change(self.journal)
+        for gateway in gateways:
+            change.delete(alert.alert_id, "notified", gateway)
+            change.delete(alert.alert_id, "acked", gateway)
+        change.state(alert.alert_id, "purged", 1)
+        self.journal.submit(change.op())
+        _LOG.info(
+            "alert %s: recipient lists purged (%d gateway(s)), %.0f s after it closed",
+            alert.alert_id,
+            len(gateways),
+            self.clock.now() - alert.closed_at,
+        )
 
     def spawn(self, work) -> None:
         """Runs a coroutine in the background, logging its failure."""

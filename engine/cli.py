@@ -76,6 +76,7 @@ def serve(args: argparse.Namespace) -> int:
         audit_log=args.audit_log,
         snapshot_path=args.snapshot,
         snapshot_interval_s=args.snapshot_interval,
+        purge_after_s=args.purge_after,
     )
     try:
         asyncio.run(run_server(options, port_file=args.port_file))
@@ -411,6 +412,13 @@ def _add_serve_command(commands) -> None:
         type=float,
         default=60.0,
         help="seconds of the engine's clock between snapshots (60)",
+    )
+    run.add_argument(
+        "--purge-after",
+        type=float,
+        default=7 * 24 * 3600.0,
+        help="seconds after an alert closes that the lists of who it reached are deleted "
+        "(604800, a week)",
     )
     run.add_argument(
         "--audit-log",

@@ -61,6 +61,10 @@ class Change:
         key = self.journal.key("alert", alert_id, "acked", gateway)
         self.commands.append(("append", key, _ids_bytes(ids)))
 
+    def delete(self, alert_id: str, kind: str, gateway: int) -> None:
+        """Deletes one of an alert's id lists (``notified`` or ``acked``)."""
+        self.commands.append(("delete", self.journal.key("alert", alert_id, kind, gateway)))
+
     def count(self, alert_id: str, name: str, amount: int) -> None:
         """Adds to a tally of the alert's state hash."""
         if amount:

@@ -55,6 +55,8 @@ MAX_HEIGHT_CM = 250
 #: How far ahead an alert's start may be, in seconds.
 MAX_START_AHEAD_S = 24 * 3600
 MAX_FORGET = 1_000_000
+#: Most devices one LocationBatch may carry.
+MAX_BATCH_DEVICES = 1_000_000
 MAX_GATEWAY = 65535
 _ALERT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _INDEX_FIELDS = {
@@ -181,6 +183,8 @@ class ServerOptions:
     snapshot_path: Path | None = None
     #: Seconds of the engine's clock between two snapshots.
     snapshot_interval_s: float = 60.0
+    #: Seconds after an alert closes that the lists of who it reached are purged.
+    purge_after_s: float = 7 * 24 * 3600.0
 
 
 def _split_host_port(text: str, flag: str) -> tuple[str, int]:
@@ -229,6 +233,7 @@ class EngineServer:
             self.metrics,
             batch_devices=options.batch_devices,
             journal=self.journal,
+            purge_after_s=options.purge_after_s,
         )
         self.snapshotter = None
         if options.snapshot_path is not None:
@@ -511,6 +516,11 @@ def _apply_batch(engine: EngineServer, raw: bytes, number: int, caller: auth.Cal
     if batch.gateway_id > MAX_GATEWAY:
         raise _BadBatch(f"{where}: gateway_id must be 0 to {MAX_GATEWAY}, got {batch.gateway_id}")
     auth.check_gateway(caller, batch.gateway_id, f"report devices ({where})")
+    if len(batch.device_ids) > MAX_BATCH_DEVICES:
+        raise _BadBatch(
+            f"{where}: device_ids: at most {MAX_BATCH_DEVICES:,} devices a batch, got "
+            f"{len(batch.device_ids):,}; split it"
+        )
     ids = np.array(batch.device_ids, dtype=np.uint64)
     lat = np.array(batch.latitudes, dtype=np.float64)
     lng = np.array(batch.longitudes, dtype=np.float64)
