@@ -382,6 +382,15 @@ def tune(args: argparse.Namespace) -> int:
         )
     core = None if args.core is None else _point(args.core, "--core")
     plots = None if args.plot is None else _plot_dir(args.plot)
+    if (args.server is None) == (args.population is None):
+        raise ToolError("give either --population FILE or --server HOST:PORT")
+    if args.server is not None:
+        if centre is None or goals is not None or movement is not None or plots is not None:
+            raise ToolError(
+                "--server evaluates one --center as the engine sees it now; --target, "
+                "--movement and --plot need --population"
+            )
+        return _tune_server(args, schedule, centre)
 
     people = _read_population(args.population)
     started = time.perf_counter()
@@ -418,6 +427,61 @@ def tune(args: argparse.Namespace) -> int:
     if plots is not None:
         _plot(plots, people, counter, schedule, document, drawn)
     return status
+
+
+def _tune_server(args: argparse.Namespace, schedule: Schedule, centre) -> int:
+    """One centre against a running engine's live devices, through PreviewAlert (nothing
+    is recorded or sent)."""
+    import grpc
+
+    from engine import security_cli
+    from engine.api import alert_pb2
+    from engine.client import alert_stub
+
+    request = alert_pb2.PreviewAlertRequest(
+        centres=[alert_pb2.Centre(latitude=centre[0], longitude=centre[1])]
+    )
+    request.stages.stages.extend(
+        alert_pb2.Stage(radius_m=stage.radius_m, duration_s=stage.duration_s)
+        for stage in schedule.stages
+    )
+    try:
+        channel = security_cli.client_channel(args, args.server, dev_name="dev-operator")
+        response = alert_stub(channel).PreviewAlert(request, timeout=60)
+    except ValueError as error:
+        raise ToolError(str(error)) from None
+    except grpc.RpcError as error:
+        raise ToolError(f"{args.server}: {error.code().name}: {error.details()}") from None
+    rows = [
+        {
+            "radius_m": stage.radius_m,
+            "duration_s": stage.duration_s,
+            "new_recipients": stage.new_recipients,
+            "cumulative_recipients": stage.cumulative_recipients,
+            "per_gateway": {str(g.gateway_id): g.devices for g in stage.new_by_gateway},
+        }
+        for stage in response.stages
+    ]
+    print(f"engine {args.server}: {response.live_devices:,} live devices")
+    print(f"schedule {schedule.name or args.schedule}: {schedule.describe()}")
+    print(f"alert centre {centre[0]:.5f},{centre[1]:.5f}")
+    print(f"{'stage':>5} {'radius':>9} {'lasts':>7} {'new':>12} {'cumulative':>12}  per gateway")
+    for number, row in enumerate(rows, start=1):
+        per = "  ".join(f"{g}: {n:,}" for g, n in row["per_gateway"].items())
+        print(
+            f"{number:>5} {_km(row['radius_m']):>9} {_duration(row['duration_s']):>7} "
+            f"{row['new_recipients']:>12,} {row['cumulative_recipients']:>12,}  {per}"
+        )
+    if args.json:
+        document = {
+            "server": args.server,
+            "live_devices": response.live_devices,
+            "schedule": _schedule_json(schedule),
+            "centre": {"lat": centre[0], "lng": centre[1]},
+            "stages": rows,
+        }
+        _write_json(args.json, document)
+    return 0
 
 
 def _schedule_json(schedule: Schedule) -> dict:
@@ -888,6 +952,12 @@ def _add_schedules(commands) -> None:
     listing.set_defaults(handler=schedules_list)
 
 
+def _security_flags(parser: argparse.ArgumentParser) -> None:
+    from engine import security_cli
+
+    security_cli.add_client_flags(parser)
+
+
 def _add_tune(commands) -> None:
     parser = commands.add_parser(
         "tune",
@@ -910,8 +980,12 @@ inside).
 
 Exit status: 0 done, 1 --target goals cannot all be met, 2 an error in the input.""",
     )
+    parser.add_argument("--population", metavar="FILE", help="population file (Parquet or CSV)")
     parser.add_argument(
-        "--population", metavar="FILE", required=True, help="population file (Parquet or CSV)"
+        "--server",
+        metavar="HOST:PORT",
+        help="instead of --population: a running engine's live devices, through PreviewAlert "
+        "(with --center; an operator token, see the security flags)",
     )
     parser.add_argument(
         "--schedule",
@@ -948,6 +1022,7 @@ Exit status: 0 done, 1 --target goals cannot all be met, 2 an error in the input
         help="devices per km² within 1 km that make a suburb (500); fewer: countryside",
     )
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    _security_flags(parser)
     parser.add_argument("--plot", metavar="DIR", help="write rings.png and reach.png")
 
     moving = parser.add_argument_group("movement (--movement, with --center)")
