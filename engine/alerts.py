@@ -60,6 +60,9 @@ _LOG = logging.getLogger("engine.alerts")
 DEFAULT_BATCH_DEVICES = 16_384
 #: Seconds after an alert closes that the lists of who it reached are purged (a week).
 DEFAULT_PURGE_AFTER_S = 7 * 24 * 3600.0
+#: Radii of the steps of a sweep, as shares of the way from the previous stage's radius
+#: to the stage's own (see ``Dispatcher._sweep``).
+SWEEP_STEPS = (0.125, 0.5, 1.0)
 #: Seconds between two PROGRESS events of a watched alert.
 PROGRESS_INTERVAL_S = 0.2
 
@@ -753,34 +756,47 @@ class Dispatcher:
             self.metrics.active.set(self._active_count())
 
     async def _sweep(self, alert: AlertState, stage: int, reason: str) -> None:
-        """Queues the devices inside a stage's ring (1-based) not yet notified."""
+        """Queues the devices inside a stage's ring (1-based) not yet notified.
+
+        The ring is swept from the inside out, in :data:`SWEEP_STEPS` widening disks: the
+        record returns each device once, so every step yields only its own annulus, and
+        the first devices (the closest to the child) are on their way after a sixtieth
+        of the work. The steps cost about a quarter more than one sweep."""
         state = alert.stages[stage - 1]
+        inner = alert.stages[stage - 2].radius_m if stage > 1 else 0.0
         started = time.perf_counter()
-        found = await asyncio.get_running_loop().run_in_executor(
-            self._query_pool,
-            self.index.new_recipients,
-            alert.record,
-            alert.centre_lat,
-            alert.centre_lng,
-            state.radius_m,
-        )
-        if alert.closed and alert.status == RESOLVED:
-            _LOG.info(
-                "alert %s: stage %d sweep dropped (%d devices): the alert was resolved meanwhile",
-                alert.alert_id,
-                stage,
-                sum(ids.size for ids in found.values()),
+        loop = asyncio.get_running_loop()
+        total: dict[int, int] = {}
+        for step in SWEEP_STEPS:
+            radius = inner + (state.radius_m - inner) * step
+            found = await loop.run_in_executor(
+                self._query_pool,
+                self.index.new_recipients,
+                alert.record,
+                alert.centre_lat,
+                alert.centre_lng,
+                radius,
             )
-            return
-        count = self._queue_recipients(alert, stage, found, walked_in=False)
-        per_gateway = ", ".join(f"gateway {g}: {ids.size:,}" for g, ids in sorted(found.items()))
+            if alert.status == RESOLVED:
+                _LOG.info(
+                    "alert %s: stage %d sweep stopped (%d devices dropped): the alert was "
+                    "resolved meanwhile",
+                    alert.alert_id,
+                    stage,
+                    sum(ids.size for ids in found.values()),
+                )
+                return
+            self._queue_recipients(alert, stage, found, walked_in=False)
+            for gateway, ids in found.items():
+                total[gateway] = total.get(gateway, 0) + int(ids.size)
+        per_gateway = ", ".join(f"gateway {g}: {n:,}" for g, n in sorted(total.items()) if n)
         _LOG.info(
             "alert %s stage %d (%g m), %s: %d new recipients (%s) in %.1f ms",
             alert.alert_id,
             stage,
             state.radius_m,
             reason,
-            count,
+            sum(total.values()),
             per_gateway or "none",
             (time.perf_counter() - started) * 1e3,
         )

@@ -569,21 +569,22 @@ def test_resolving_withdraws_what_a_stuck_gateway_has_not_taken():
 
         alert = wait_until(ready, what="gateway 1 done and gateway 2 stuck")
         held = stuck.keys("stuck")
-        assert len(held) == 10, "one batch handed over, the window holds the rest"
+        n = len(held)
+        assert 0 < n <= 10, "one message handed over, the window holds the rest"
         second, third = tally(alert, 1, 2), tally(alert, 1, 3)
-        assert second.recipients > 30 and second.handed_over == 10 and second.acked == 0
+        assert second.recipients > 30 and second.handed_over == n and second.acked == 0
         assert third.recipients > 0 and third.handed_over == 0
 
         resolved = engine.resolve("stuck", alert_pb2.RESOLUTION_CANCELLED, [("en", "Withdrawn")])
         first, second, third = (tally(resolved, 1, g) for g in GATEWAYS)
         assert first.withdrawn == 0
-        assert second.withdrawn == second.recipients - 10 and second.handed_over == 10
+        assert second.withdrawn == second.recipients - n and second.handed_over == n
         assert third.withdrawn == third.recipients and third.handed_over == 0
-        assert resolved.notified_devices == first.recipients + 10
-        assert resolved.follow_up_devices == first.recipients + 10
+        assert resolved.notified_devices == first.recipients + n
+        assert resolved.follow_up_devices == first.recipients + n
 
         stuck.release()
-        wait_until(lambda: stuck.devices("stuck", kind=FOLLOW_UP) == 10, what="the follow-up")
+        wait_until(lambda: stuck.devices("stuck", kind=FOLLOW_UP) == n, what="the follow-up")
         assert set(stuck.keys("stuck")) == set(held), "nothing withdrawn was sent"
         assert set(stuck.keys("stuck", kind=FOLLOW_UP)) == set(held)
         check_messages(stuck, "stuck", RESOLVED)
@@ -591,7 +592,7 @@ def test_resolving_withdraws_what_a_stuck_gateway_has_not_taken():
         assert set(normal.keys("stuck", kind=FOLLOW_UP)) == set(normal.keys("stuck"))
         assert_answer(normal.keys("stuck"), of_gateway(expected.stage(1), 1), "gateway 1")
         final = engine.wait_delivered("stuck")
-        assert tally(final, 1, 2).acked == 10
+        assert tally(final, 1, 2).acked == n
 
 
 # 5. Disconnects.
@@ -690,8 +691,9 @@ def test_a_stuck_gateway_does_not_delay_the_others():
             want = of_gateway(expected.stage(1), gateway)
             assert_answer(gateways[gateway].keys("slow"), want, f"gateway {gateway}")
         behind = tally(alert, 1, 1)
-        assert behind.recipients > 50 and behind.handed_over == 10 and behind.acked == 0
-        assert slow.devices("slow") == 10
+        held = slow.devices("slow")
+        assert 0 < held <= 10, "one message handed over, the window holds the rest"
+        assert behind.recipients > 50 and behind.handed_over == held and behind.acked == 0
 
         slow.release()
         engine.wait_delivered("slow")
@@ -699,8 +701,11 @@ def test_a_stuck_gateway_does_not_delay_the_others():
 
 
 def test_a_paced_gateway_gets_its_devices_at_its_rate():
-    engine, _ = fresh(seed=18, batch_devices=20)
+    engine, devices = fresh(seed=18, batch_devices=20)
     rate = 200.0
+    expected = Expected(devices)
+    expected.sweep(1, [BEIJING], 2_500.0)
+    inside = len(of_gateway(expected.stage(1), 3).must)
     with engine:
         started = time.monotonic()
         paced = engine.subscribe(3, max_devices_per_second=rate)
@@ -708,10 +713,10 @@ def test_a_paced_gateway_gets_its_devices_at_its_rate():
         # Gateway 2 is not connected: no hand-over time for it.
         engine.create(create_request("paced", [BEIJING], stages((2_500.0, 600))))
 
-        def queued():
+        def queued():  # the whole sweep, not only its first steps
             alert = engine.get("paced")
             progress = tally(alert, 1, 3)
-            return progress is not None and progress.recipients > 0 and alert
+            return progress is not None and progress.recipients >= inside and alert
 
         alert = wait_until(queued, what="the sweep")
         now = engine.clock.now()
