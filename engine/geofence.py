@@ -43,3 +43,10 @@ def inside(
     out = np.empty(lat.size, dtype=np.int64)
     count = _inside_kernel(lat, lng, centre_lat, centre_lng, float(radius_m), EARTH_RADIUS_M, out)
     return out[:count]
+
+
+def warm_up() -> None:
+    """Compiles (or loads from numba's cache) the kernel, so that the first report of a
+    running alert does not wait for it."""
+    point = np.zeros(1)
+    inside(point, point, point, point, 1.0)

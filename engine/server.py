@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine import audit, auth, metrics_http, schedules
+from engine import audit, auth, geofence, metrics_http, schedules
 from engine.alerts import AlertError, Dispatcher
 from engine.api import alert_pb2, alert_pb2_grpc, gateway_pb2, location_pb2
 from engine.clock import Clock
@@ -261,6 +261,8 @@ class EngineServer:
     async def start(self) -> int:
         """Loads the snapshot and the durable state, binds and starts serving; returns
         the gRPC port."""
+        # The geofence kernel loads on first use (half a second): not on a report's time.
+        await asyncio.to_thread(geofence.warm_up)
         if self.snapshotter is not None:
             await self.snapshotter.load()
         restored = await self.journal.start()

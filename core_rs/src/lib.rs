@@ -37,10 +37,30 @@ pub const MAX_FUTURE_S: f64 = 300.0;
 /// Queries whose covering holds more devices than this are scanned on every core.
 const PARALLEL_SCAN_ABOVE: usize = 262_144;
 
+/// Shards of one gateway's set in an [`AlertRecord`]: large sweeps insert into them on
+/// every core.
+const RECORD_SHARDS: usize = 16;
+
+/// Inserts of fewer devices than this stay on one thread.
+const PARALLEL_RECORD_ABOVE: usize = 65_536;
+
+/// The shard of an id: the top bits of a multiplicative hash, so that ids allotted in
+/// sequence still spread evenly.
+fn record_shard(id: u64) -> usize {
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize
+}
+
+/// One gateway's recorded ids, split in [`RECORD_SHARDS`] sets.
+type Shards = Vec<HashSet<u64>>;
+
+fn new_shards() -> Shards {
+    vec![HashSet::new(); RECORD_SHARDS]
+}
+
 /// Devices notified for one alert, by gateway: nobody is notified twice.
 #[derive(Default)]
 pub struct AlertRecord {
-    notified: Mutex<HashMap<u16, HashSet<u64>>>,
+    notified: Mutex<HashMap<u16, Shards>>,
 }
 
 impl AlertRecord {
@@ -50,7 +70,7 @@ impl AlertRecord {
 
     /// Devices recorded.
     pub fn len(&self) -> usize {
-        self.notified.lock().values().map(HashSet::len).sum()
+        self.notified.lock().values().flatten().map(HashSet::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -60,29 +80,82 @@ impl AlertRecord {
     /// Records devices as notified (restoring a record, or devices notified by other
     /// means). Returns how many were not recorded yet.
     pub fn add(&self, gateway: u16, ids: &[u64]) -> usize {
-        let mut notified = self.notified.lock();
-        let set = notified.entry(gateway).or_default();
-        ids.iter().filter(|&&id| set.insert(id)).count()
+        let keys: Vec<DeviceKey> = ids.iter().map(|&id| DeviceKey { gateway, id }).collect();
+        self.insert(&keys).values().map(Vec::len).sum()
     }
 
     /// Records devices as notified and returns those that were not recorded yet, in
     /// the order given (a repeated id is returned once).
     pub fn add_new(&self, gateway: u16, ids: &[u64]) -> Vec<u64> {
         let mut notified = self.notified.lock();
-        let set = notified.entry(gateway).or_default();
-        ids.iter().copied().filter(|&id| set.insert(id)).collect()
+        let shards = notified.entry(gateway).or_insert_with(new_shards);
+        ids.iter().copied().filter(|&id| shards[record_shard(id)].insert(id)).collect()
+    }
+
+    /// Records devices as notified and returns, by gateway, those that were not recorded
+    /// yet (each once, in no particular order). Large inputs are inserted on every core,
+    /// one shard a task.
+    fn insert(&self, keys: &[DeviceKey]) -> BTreeMap<u16, Vec<u64>> {
+        let mut notified = self.notified.lock();
+        let mut out: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+        if keys.len() <= PARALLEL_RECORD_ABOVE {
+            for key in keys {
+                let shards = notified.entry(key.gateway).or_insert_with(new_shards);
+                if shards[record_shard(key.id)].insert(key.id) {
+                    out.entry(key.gateway).or_default().push(key.id);
+                }
+            }
+            return out;
+        }
+
+        // Bucket by gateway and shard, then give each task one set and its bucket.
+        let mut buckets: HashMap<u16, Vec<Vec<u64>>> = HashMap::new();
+        for key in keys {
+            let shard = record_shard(key.id);
+            buckets.entry(key.gateway).or_insert_with(|| vec![Vec::new(); RECORD_SHARDS])[shard]
+                .push(key.id);
+        }
+        for &gateway in buckets.keys() {
+            notified.entry(gateway).or_insert_with(new_shards);
+        }
+        let mut work: Vec<(u16, &mut HashSet<u64>, Vec<u64>)> = Vec::new();
+        for (&gateway, shards) in notified.iter_mut() {
+            if let Some(bucket) = buckets.get_mut(&gateway) {
+                for (set, ids) in shards.iter_mut().zip(bucket.iter_mut()) {
+                    work.push((gateway, set, std::mem::take(ids)));
+                }
+            }
+        }
+        let inserted: Vec<(u16, Vec<u64>)> = work
+            .into_par_iter()
+            .map(|(gateway, set, ids)| {
+                set.reserve(ids.len());
+                (gateway, ids.into_iter().filter(|&id| set.insert(id)).collect())
+            })
+            .collect();
+        for (gateway, ids) in inserted {
+            if !ids.is_empty() {
+                out.entry(gateway).or_default().extend(ids);
+            }
+        }
+        out
     }
 
     /// Whether a device is recorded.
     pub fn contains(&self, gateway: u16, id: u64) -> bool {
-        self.notified.lock().get(&gateway).is_some_and(|set| set.contains(&id))
+        self.notified
+            .lock()
+            .get(&gateway)
+            .is_some_and(|shards| shards[record_shard(id)].contains(&id))
     }
 
     /// Recorded ids of one gateway, ascending.
     pub fn ids(&self, gateway: u16) -> Vec<u64> {
         let notified = self.notified.lock();
-        let mut ids: Vec<u64> =
-            notified.get(&gateway).map(|set| set.iter().copied().collect()).unwrap_or_default();
+        let mut ids: Vec<u64> = notified
+            .get(&gateway)
+            .map(|shards| shards.iter().flatten().copied().collect())
+            .unwrap_or_default();
         ids.sort_unstable();
         ids
     }
@@ -90,8 +163,11 @@ impl AlertRecord {
     /// Gateways with at least one recorded device, ascending.
     pub fn gateways(&self) -> Vec<u16> {
         let notified = self.notified.lock();
-        let mut gateways: Vec<u16> =
-            notified.iter().filter(|(_, s)| !s.is_empty()).map(|(&g, _)| g).collect();
+        let mut gateways: Vec<u16> = notified
+            .iter()
+            .filter(|(_, shards)| shards.iter().any(|set| !set.is_empty()))
+            .map(|(&g, _)| g)
+            .collect();
         gateways.sort_unstable();
         gateways
     }
@@ -405,17 +481,11 @@ impl LocationIndex {
             centres.iter().map(|&(lat, lng)| Disk::new(lat, lng, radius_m)).collect();
         let cutoff = self.cutoff(now)?;
         let store = self.store.read();
-        let mut notified = record.notified.lock();
-        let mut out: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+        let mut keys = Vec::new();
         for disk in &disks {
-            let keys = Self::collect(&store, disk, cutoff, |s, slot| s.key(slot));
-            for key in keys {
-                if notified.entry(key.gateway).or_default().insert(key.id) {
-                    out.entry(key.gateway).or_default().push(key.id);
-                }
-            }
+            keys.extend(Self::collect(&store, disk, cutoff, |s, slot| s.key(slot)));
         }
-        Ok(out)
+        Ok(record.insert(&keys))
     }
 
     /// Every stored device: gateway, id, latitude and longitude in degrees, and the

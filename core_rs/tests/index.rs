@@ -330,3 +330,34 @@ fn answers_large_enough_to_scan_on_every_core_are_whole() {
         check(&index, &truth, -23.5, -46.6, radius, NOW);
     }
 }
+
+#[test]
+fn a_large_ring_is_recorded_once_on_every_core() {
+    // 300,000 devices on three gateways in one spot, some ids shared by two gateways:
+    // large enough for the record's parallel path.
+    let n = 300_000u64;
+    let ids: Vec<u64> = (0..n).map(|i| i % 250_000).collect();
+    let gateways: Vec<u16> = (0..n).map(|i| 1 + (i % 3) as u16).collect();
+    let lat: Vec<f64> = (0..n).map(|i| 30.0 + (i % 1000) as f64 * 1e-5).collect();
+    let lng: Vec<f64> = (0..n).map(|i| 110.0 + (i / 1000) as f64 * 1e-5).collect();
+    let seen = vec![1_000.0; n as usize];
+    let index = LocationIndex::new(10, 3600).unwrap();
+    index.upsert(&ids, &gateways, &lat, &lng, &seen, 1_000.0).unwrap();
+    let keys: BTreeSet<(u16, u64)> = ids.iter().zip(&gateways).map(|(&i, &g)| (g, i)).collect();
+
+    let record = AlertRecord::new();
+    let first = index.new_recipients(&record, &[(30.005, 110.0015)], 5_000.0, 1_000.0).unwrap();
+    let mut got: Vec<(u16, u64)> =
+        first.iter().flat_map(|(&g, ids)| ids.iter().map(move |&i| (g, i))).collect();
+    got.sort_unstable();
+    assert_eq!(got, keys.iter().copied().collect::<Vec<_>>(), "everyone, once");
+    assert_eq!(record.len(), keys.len());
+    for gateway in 1..=3u16 {
+        let want: Vec<u64> = keys.iter().filter(|k| k.0 == gateway).map(|k| k.1).collect();
+        assert_eq!(record.ids(gateway), want);
+    }
+    let again = index.new_recipients(&record, &[(30.005, 110.0015)], 5_000.0, 1_000.0).unwrap();
+    assert!(again.values().all(Vec::is_empty), "nobody twice");
+    assert_eq!(record.add(1, &[0, 3, 999_999_999]), 1);
+    assert!(record.contains(1, 999_999_999) && !record.contains(2, 999_999_999));
+}
