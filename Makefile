@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 CORE_SOURCES := $(wildcard core_rs/src/*.rs) core_rs/Cargo.toml Cargo.toml pyproject.toml
 export PYO3_PYTHON := $(abspath $(BIN)/python)
 
-.PHONY: demo test bench bench-scale lint format rust-test python-test redis-server proto clean
+.PHONY: demo test bench bench-scale bench-grpc reliability lint format rust-test python-test \
+	redis-server proto clean
 
 demo: $(VENV)/.built
 	$(BIN)/tuanyuan demo
@@ -21,6 +22,18 @@ bench: $(VENV)/.built redis-server
 # Do 100 million devices fit in memory? (about 6 minutes, 8 GB at the peak)
 bench-scale: $(VENV)/.built
 	$(BIN)/python -m bench.run --scale 100000000
+
+# The engine as its users meet it: ingest, alert fan-out and geofence over gRPC on
+# loopback, 10 million devices (about 3 minutes).
+bench-grpc: $(VENV)/.built
+	$(BIN)/python -m bench.grpc
+
+# Faults injected (engine, gateway and Redis killed, connections cut), the auth matrix
+# and fuzzing of every rpc; writes bench/results/reliability.md.
+reliability: $(VENV)/.built redis-server
+	$(BIN)/python -m bench.auth_matrix
+	$(BIN)/python -m bench.fuzz
+	$(BIN)/python -m bench.reliability
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
