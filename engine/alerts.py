@@ -352,7 +352,7 @@ class Dispatcher:
         try:
             await self.journal.commit(change.op(then))
         except StoreUnavailable as error:
-            raise Unavailable(f"{error}; nothing was changed, retry later") from None
+            raise Unavailable(f"{error}; retry later") from None
 
     async def create(
         self,

@@ -49,6 +49,11 @@ MAX_OPS_PER_WRITE = 512
 #: Seconds between two attempts while Redis is unreachable, at most.
 MAX_BACKOFF_S = 2.0
 GENESIS = "0" * 64
+#: What a caller refused while its change was queued or being written is told.
+_MAYBE = (
+    "the change takes effect only if Redis applied it before the failure; GetAlert shows "
+    "whether it did"
+)
 
 
 class StoreUnavailable(Exception):
@@ -67,8 +72,8 @@ class Op:
     audit: dict | None = None
     #: Set for changes a caller waits for (alert actions).
     future: asyncio.Future | None = None
-    #: The caller gave up waiting; if the op turns out to be applied it still takes
-    #: effect, otherwise it is dropped rather than retried.
+    #: The caller was told UNAVAILABLE: if the op turns out to have been applied it
+    #: still takes effect; otherwise (not applied, or never tried) it is dropped.
     abandoned: bool = False
 
 
@@ -105,6 +110,8 @@ class Journal:
         self._audit_sink = audit_sink
         self._on_availability = on_availability
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
+        #: Changes whose callers wait in :meth:`commit`.
+        self._waiting: set[Op] = set()
         self._redis = None
         self._writer: asyncio.Task | None = None
         self._batch = 0
@@ -167,22 +174,27 @@ class Journal:
 
     async def commit(self, op: Op, timeout_s: float = 5.0) -> None:
         """Writes a change a caller waits for; raises :class:`StoreUnavailable` at once
-        when Redis is known to be down, or when the write does not complete in time (the
-        change then takes effect later only if Redis did apply it)."""
+        when Redis is known to be down or turns out to be while the change waits or is
+        written, or when the write does not complete in time. A change refused while it
+        was being written takes effect later only if Redis did apply it; one refused
+        before it was written never does."""
         if self._redis is None:
             self._apply_locally(op)
             return
         if not self.available:
-            raise StoreUnavailable(f"Redis at {self.url} is unreachable")
+            raise StoreUnavailable(f"Redis at {self.url} is unreachable; nothing was changed")
         op.future = asyncio.get_running_loop().create_future()
+        self._waiting.add(op)
         self._queue.put_nowait(op)
         try:
             await asyncio.wait_for(asyncio.shield(op.future), timeout_s)
         except TimeoutError:
             op.abandoned = True
             raise StoreUnavailable(
-                f"Redis at {self.url} did not confirm in {timeout_s:g} s"
+                f"Redis at {self.url} did not confirm in {timeout_s:g} s; {_MAYBE}"
             ) from None
+        finally:
+            self._waiting.discard(op)
 
     def _apply_locally(self, op: Op) -> None:
         if op.audit is not None and self._seal is not None:
@@ -200,7 +212,17 @@ class Journal:
             ops = [await self._queue.get()]
             while len(ops) < MAX_OPS_PER_WRITE and not self._queue.empty():
                 ops.append(self._queue.get_nowait())
-            ops = [op for op in ops if op.commands or op.audit or op.on_durable]
+            dropped = sum(1 for op in ops if op.abandoned)
+            if dropped:
+                # Refused before they were written: they must never take effect.
+                _LOG.warning(
+                    "journal: %d alert change(s) dropped unwritten: their callers were told "
+                    "UNAVAILABLE",
+                    dropped,
+                )
+            ops = [
+                op for op in ops if not op.abandoned and (op.commands or op.audit or op.on_durable)
+            ]
             if ops:
                 await self._write(ops)
             if self._closing and self._queue.empty():
@@ -210,7 +232,34 @@ class Journal:
         self._batch += 1
         number = self._batch
         backoff = 0.05
+        # An attempt failed without an answer, so it may have been applied: Redis is
+        # asked (the ``journal`` number) before anything is written again, so that no
+        # transaction is ever applied twice.
+        unsure = False
         while True:
+            if unsure:
+                applied = await self._was_applied(number)
+                if applied is None:  # Redis cannot tell yet: ask again later
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    continue
+                unsure = False
+                if applied:
+                    results = None  # applied, but the results (stream ids) are unknown
+                    break
+                # Not applied: drop the changes nobody waits for any more, try again.
+                kept = [op for op in ops if not op.abandoned]
+                if len(kept) != len(ops):
+                    _LOG.warning(
+                        "journal: %d alert change(s) dropped: Redis did not apply them "
+                        "and their callers were told UNAVAILABLE",
+                        len(ops) - len(kept),
+                    )
+                    ops = kept
+                if not ops:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
             seq, head = self.audit_seq, self.audit_head
             sealed = []
             try:
@@ -228,30 +277,11 @@ class Journal:
                     pipe.set(self.key("audit:head"), f"{seq} {head}")
                 pipe.set(self.key("journal"), number)
                 results = await pipe.execute()
-                applied = True
+                break
             except Exception as error:  # connection errors and timeouts of every kind
                 self.failed_writes += 1
                 self._set_available(False, error)
-                applied = await self._was_applied(number)
-                if applied is None or not applied:
-                    # Unknown or not applied: drop the changes nobody waits for any more
-                    # and try again.
-                    kept = [op for op in ops if not op.abandoned]
-                    if len(kept) != len(ops):
-                        _LOG.warning(
-                            "journal: %d alert change(s) dropped: Redis did not apply them "
-                            "and their callers were told UNAVAILABLE",
-                            len(ops) - len(kept),
-                        )
-                        ops = kept
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
-                    if not ops:
-                        return
-                    continue
-                results = None  # applied, but the results (stream ids) are unknown
-            if applied:
-                break
+                unsure = True
         self._set_available(True)
         self.audit_seq, self.audit_head = seq, head
         self.written_ops += len(ops)
@@ -294,6 +324,13 @@ class Journal:
                 self.url,
                 error,
             )
+            # Callers waiting for a change hear so now rather than at their timeout.
+            for op in self._waiting:
+                if not op.future.done():
+                    op.abandoned = True
+                    op.future.set_exception(
+                        StoreUnavailable(f"Redis at {self.url} is unreachable ({error}); {_MAYBE}")
+                    )
         if self._on_availability is not None:
             self._on_availability(available)
 
