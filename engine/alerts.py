@@ -1006,7 +1006,10 @@ class Dispatcher:
         if ahead is None:
             return None
         rate = box.connection.rate
-        return now if rate <= 0 else now + ahead / rate * self.clock.speed
+        if rate <= 0:
+            return now
+        # Kept within what a timestamp holds (a year later at most) whatever the rate.
+        return now + min(ahead / rate * self.clock.speed, 366 * 24 * 3600.0)
 
     # Preview.
 

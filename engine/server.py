@@ -12,6 +12,8 @@ the demo and benchmarks; ``serve`` is ``tuanyuan serve``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import math
 import re
@@ -58,6 +60,8 @@ MAX_FORGET = 1_000_000
 #: Most devices one LocationBatch may carry.
 MAX_BATCH_DEVICES = 1_000_000
 MAX_GATEWAY = 65535
+#: Slowest push rate a gateway may declare, in devices a second (0 means no limit).
+MIN_GATEWAY_RATE = 1.0
 _ALERT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _INDEX_FIELDS = {
     "device_id": "device_ids",
@@ -80,11 +84,33 @@ class Invalid(AlertError):
 # Checks of requests. Each raises Invalid naming the field path.
 
 
+def _shown(value: str, limit: int = 40) -> str:
+    """A value for an error message: whole when short, else its start and its length.
+    A status message travels in a trailer; past 8 KiB the client cannot read it and
+    sees RESOURCE_EXHAUSTED instead."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def _check_alert_id(alert_id: str) -> None:
     if not _ALERT_ID.fullmatch(alert_id):
         raise Invalid(
-            f"alert_id must be 1 to 128 letters, digits, '-', '_', '.' or ':', got {alert_id!r}"
+            "alert_id must be 1 to 128 letters, digits, '-', '_', '.' or ':', got "
+            f"{_shown(alert_id)}"
         )
+
+
+def _seconds(stamp, path: str) -> float:
+    """A Timestamp in Unix seconds; Invalid for one outside the range protobuf defines
+    (years 1 to 9999, nanos 0 to 999,999,999)."""
+    try:
+        return stamp.ToNanoseconds() / 1e9
+    except ValueError:
+        raise Invalid(
+            f"{path} is not a valid timestamp (years 1 to 9999, nanos 0 to 999999999): "
+            f"seconds={stamp.seconds}, nanos={stamp.nanos}"
+        ) from None
 
 
 def _centres(centres, path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -131,11 +157,14 @@ def _payload(payload: alert_pb2.AlertPayload, path: str, now: float) -> None:
     for i, url in enumerate(payload.photo_urls):
         if not url.startswith("https://") or len(url) > MAX_URL_BYTES:
             raise Invalid(f"{path}.photo_urls[{i}] must be an https URL of at most 2 KiB")
-    if payload.HasField("last_seen_at") and payload.last_seen_at.ToNanoseconds() / 1e9 > now + 300:
+    seen = payload.last_seen_at
+    if payload.HasField("last_seen_at") and _seconds(seen, f"{path}.last_seen_at") > now + 300:
         raise Invalid(f"{path}.last_seen_at is in the future")
 
 
 def _notices(notices, path: str) -> None:
+    if len(notices) > MAX_TEXTS:
+        raise Invalid(f"{path}: at most {MAX_TEXTS} languages, got {len(notices)}")
     seen = set()
     for i, notice in enumerate(notices):
         if not notice.language or notice.language in seen:
@@ -272,7 +301,7 @@ class EngineServer:
         else:
             interceptor = auth.AuthInterceptor(self.options.credentials, auth.RateLimits())
         server = grpc.aio.server(
-            interceptors=[interceptor],
+            interceptors=[interceptor, _UnparsedRequests()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -359,7 +388,7 @@ class EngineServer:
             schedule = self.schedules.get(request.schedule_name)
             if schedule is None:
                 raise Invalid(
-                    f"schedule_name {request.schedule_name!r} is unknown; known: "
+                    f"schedule_name {_shown(request.schedule_name)} is unknown; known: "
                     f"{', '.join(sorted(self.schedules))}"
                 )
             return schedule
@@ -375,6 +404,76 @@ class EngineServer:
         if now_field:
             raise Invalid(f"{now_field}: give schedule_name or stages")
         return None
+
+
+# Requests that do not parse.
+
+
+class _Unparsed:
+    """Stands for the request of a call whose bytes do not parse as its message."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(parse):
+    """``parse`` returning :class:`_Unparsed` where it would raise DecodeError."""
+    message_type = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    name = message_type.full_name if message_type is not None else "the request message"
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return _Unparsed(f"the request does not parse as {name}: {error}")
+
+    return deserialize
+
+
+class _UnparsedRequests(grpc.aio.ServerInterceptor):
+    """Ends a call with INVALID_ARGUMENT when its request does not parse.
+
+    Left to gRPC, the deserializer's DecodeError ends the call UNKNOWN and is logged with
+    a traceback, as a crashed handler would be. Unary requests only: the streamed ones
+    (ReportLocations, Subscribe) arrive as bytes and their handlers parse them. Runs
+    inside AuthInterceptor, so a refused call's request is still never parsed.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        behaviour = handler.unary_unary or handler.unary_stream
+        streams = inspect.isasyncgenfunction(behaviour)
+        if not (streams or inspect.iscoroutinefunction(behaviour)):
+            return handler
+
+        if streams:
+
+            async def guarded(request, context):
+                if isinstance(request, _Unparsed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+
+        else:
+
+            async def guarded(request, context):
+                if isinstance(request, _Unparsed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return await behaviour(request, context)
+
+        make = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return make(
+            guarded,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _actor() -> dict:
@@ -409,7 +508,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
             _payload(request.payload, "payload", now)
             start = now
             if request.HasField("start_time"):
-                start = request.start_time.ToNanoseconds() / 1e9
+                start = _seconds(request.start_time, "start_time")
                 if start > now + MAX_START_AHEAD_S:
                     raise Invalid("start_time is more than a day ahead")
             alert, new = await self.dispatcher.create(request, schedule, centres, start, _actor())
@@ -457,6 +556,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
 
     async def GetAlert(self, request, context):
         async def work():
+            _check_alert_id(request.alert_id)
             return self.dispatcher.snapshot(self.dispatcher.get(request.alert_id))
 
         return await self._run(context, work)
@@ -480,6 +580,7 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
 
     async def WatchAlert(self, request, context):
         try:
+            _check_alert_id(request.alert_id)
             alert = self.dispatcher.get(request.alert_id)
         except (AlertError, auth.Forbidden) as error:
             await context.abort(grpc.StatusCode[error.status], str(error))
@@ -642,11 +743,25 @@ def _location_handler(engine: EngineServer) -> grpc.GenericRpcHandler:
 # GatewayService.
 
 
+def _upstream(raw: bytes, number: int) -> gateway_pb2.GatewayUpstream:
+    """Message ``number`` (0-based) of a Subscribe stream, parsed here rather than by
+    gRPC, whose failure to parse would end the call UNKNOWN."""
+    try:
+        return gateway_pb2.GatewayUpstream.FromString(raw)
+    except DecodeError as error:
+        raise ValueError(
+            f"message {number} does not parse as {gateway_pb2.GatewayUpstream.DESCRIPTOR.full_name}"
+            f": {error}"
+        ) from None
+
+
 async def _subscribe(engine: EngineServer, request_iterator, context):
     try:
-        first = await anext(aiter(request_iterator))
+        first = _upstream(await anext(aiter(request_iterator)), 0)
     except StopAsyncIteration:
         return
+    except ValueError as error:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if first.WhichOneof("kind") != "hello":
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
     hello = first.hello
@@ -655,10 +770,14 @@ async def _subscribe(engine: EngineServer, request_iterator, context):
             grpc.StatusCode.INVALID_ARGUMENT,
             f"hello.gateway_id must be 0 to {MAX_GATEWAY}, got {hello.gateway_id}",
         )
-    if not (math.isfinite(hello.max_devices_per_second) and hello.max_devices_per_second >= 0):
+    rate = hello.max_devices_per_second
+    # Below one device a second, the hand-over times GetAlert reports (now + devices /
+    # rate) can pass the year 9999, which no Timestamp holds.
+    if not (rate == 0 or (math.isfinite(rate) and rate >= MIN_GATEWAY_RATE)):
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"hello.max_devices_per_second must be 0 or more, got {hello.max_devices_per_second}",
+            f"hello.max_devices_per_second must be 0 (no limit) or at least "
+            f"{MIN_GATEWAY_RATE:g}, got {rate}",
         )
     if hello.max_unacked_messages > MAX_WINDOW:
         await context.abort(
@@ -689,7 +808,10 @@ async def _subscribe(engine: EngineServer, request_iterator, context):
 
     async def read_acks():
         try:
-            async for message in request_iterator:
+            number = 0
+            async for raw in request_iterator:
+                number += 1
+                message = _upstream(raw, number)
                 if message.WhichOneof("kind") != "ack":
                     raise ValueError("only acks may follow the hello")
                 box.ack(message.ack.sequence)
@@ -743,10 +865,11 @@ def _gateway_handler(engine: EngineServer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
         SERVICES[2],
         {
-            # Messages leave already encoded (engine.wire), so no serializer.
+            # Messages leave already encoded (engine.wire), so no serializer; they
+            # arrive as bytes too, parsed by _upstream.
             "Subscribe": grpc.stream_stream_rpc_method_handler(
                 subscribe,
-                request_deserializer=gateway_pb2.GatewayUpstream.FromString,
+                request_deserializer=None,
                 response_serializer=None,
             ),
         },

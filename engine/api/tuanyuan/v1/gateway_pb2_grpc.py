@@ -57,8 +57,8 @@ class GatewayServiceServicer:
         replaces the first. Each gateway has its own queue and sender: a slow or absent
         gateway never delays another.
 
-        Errors: INVALID_ARGUMENT for a first message that is not a Hello, an ack beyond
-        the last sequence sent or behind the last ack.
+        Errors: INVALID_ARGUMENT for a message that does not parse, a first message that is
+        not a valid Hello, an ack beyond the last sequence sent or behind the last ack.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
