@@ -441,7 +441,8 @@ def wait_acked(stub, alert_id: str, timeout_s: float, walked_in: int = 0):
         alert = stub.GetAlert(alert_pb2.GetAlertRequest(alert_id=alert_id))
         stage = alert.stages[0]
         acked = sum(g.acked for g in stage.gateways)
-        if stage.recipients > 0 and acked == stage.recipients and stage.walked_in >= walked_in:
+        done = stage.swept and stage.recipients > 0 and acked == stage.recipients
+        if done and stage.walked_in >= walked_in:
             return alert, time.monotonic(), True
         if time.monotonic() > deadline:
             return alert, time.monotonic(), False

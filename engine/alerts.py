@@ -110,6 +110,8 @@ class StageState:
     duration_s: int
     started_at: float | None = None
     walked_in: int = 0
+    #: Sweeps of this stage under way.
+    sweeping: int = 0
     gateways: dict[int, GatewayTally] = field(default_factory=dict)
 
     def tally(self, gateway: int) -> GatewayTally:
@@ -763,6 +765,14 @@ class Dispatcher:
         the first devices (the closest to the child) are on their way after a sixtieth
         of the work. The steps cost about a quarter more than one sweep."""
         state = alert.stages[stage - 1]
+        state.sweeping += 1
+        try:
+            await self._sweep_steps(alert, stage, state, reason)
+        finally:
+            state.sweeping -= 1
+            self._progress(alert)
+
+    async def _sweep_steps(self, alert: AlertState, stage: int, state, reason: str) -> None:
         inner = alert.stages[stage - 2].radius_m if stage > 1 else 0.0
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -980,6 +990,7 @@ class Dispatcher:
                 duration_s=state.duration_s,
                 recipients=state.recipients,
                 walked_in=state.walked_in,
+                swept=state.started_at is not None and state.sweeping == 0,
             )
             if state.started_at is not None:
                 stage.started_at.CopyFrom(timestamp(state.started_at))

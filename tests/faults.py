@@ -476,7 +476,8 @@ def seconds(stamp) -> float:
 
 def all_acked(alert: alert_pb2.Alert) -> bool:
     """Whether GetAlert says everything queued was handed over and acked."""
-    return all(
+    swept = all(stage.swept or not stage.HasField("started_at") for stage in alert.stages)
+    return swept and all(
         g.acked == g.handed_over == g.recipients - g.withdrawn
         for stage in alert.stages
         for g in stage.gateways

@@ -133,7 +133,8 @@ def tally(alert: alert_pb2.Alert, stage: int, gateway: int) -> alert_pb2.Gateway
 
 def delivered(alert: alert_pb2.Alert) -> bool:
     """Whether every device the alert queued was handed over and acked, or withdrawn."""
-    return all(
+    swept = all(stage.swept or not stage.HasField("started_at") for stage in alert.stages)
+    return swept and all(
         g.acked == g.handed_over == g.recipients - g.withdrawn
         for stage in alert.stages
         for g in stage.gateways

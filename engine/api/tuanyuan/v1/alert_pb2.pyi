@@ -253,7 +253,7 @@ class GatewayProgress(_message.Message):
     def __init__(self, gateway_id: _Optional[int] = ..., recipients: _Optional[int] = ..., handed_over: _Optional[int] = ..., acked: _Optional[int] = ..., withdrawn: _Optional[int] = ..., expected_handover_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class StageProgress(_message.Message):
-    __slots__ = ("stage_number", "radius_m", "duration_s", "started_at", "recipients", "walked_in", "gateways")
+    __slots__ = ("stage_number", "radius_m", "duration_s", "started_at", "recipients", "walked_in", "gateways", "swept")
     STAGE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     RADIUS_M_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,7 @@ class StageProgress(_message.Message):
     RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
     WALKED_IN_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    SWEPT_FIELD_NUMBER: _ClassVar[int]
     stage_number: int
     radius_m: float
     duration_s: int
@@ -268,7 +269,8 @@ class StageProgress(_message.Message):
     recipients: int
     walked_in: int
     gateways: _containers.RepeatedCompositeFieldContainer[GatewayProgress]
-    def __init__(self, stage_number: _Optional[int] = ..., radius_m: _Optional[float] = ..., duration_s: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recipients: _Optional[int] = ..., walked_in: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayProgress, _Mapping]]] = ...) -> None: ...
+    swept: bool
+    def __init__(self, stage_number: _Optional[int] = ..., radius_m: _Optional[float] = ..., duration_s: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recipients: _Optional[int] = ..., walked_in: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayProgress, _Mapping]]] = ..., swept: _Optional[bool] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("alert_id", "status", "centres", "start_time", "schedule_name", "stages", "current_stage", "stage_ends_at", "payload", "version", "created_at", "updated_at", "closed_at", "resolution", "notified_devices", "follow_up_devices")
