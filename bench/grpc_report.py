@@ -310,14 +310,15 @@ def markdown(results: dict) -> str:
         f"{_ms(s['create_returned_ms']['p95'])} | {_ms(s['create_returned_ms']['max'])} | | |",
         f"| all acked, as the GetAlert poll saw it (ms) | {_ms(s['acked_seen_ms']['p50'])} | "
         f"{_ms(s['acked_seen_ms']['p95'])} | {_ms(s['acked_seen_ms']['max'])} | | |",
-        f"| the engine's own sweep (its log: `new_recipients` in the query pool, ms) | "
+        f"| the engine's own sweep, its three steps together (its log, ms) | "
         f"{_ms(s['engine_sweep_ms']['p50'])} | {_ms(s['engine_sweep_ms']['p95'])} | "
         f"{_ms(s['engine_sweep_ms']['max'])} | | |",
         "| the same ring in process (`LocationIndex.new_recipients`, ms) | "
         f"{_ms(s['in_process_ms']['p50'])} | {_ms(s['in_process_ms']['p95'])} | "
         f"{_ms(s['in_process_ms']['max'])} | | |",
-        f"| first batch minus the engine's sweep (the call, queueing, encoding, sending, the "
-        f"gateway's parse, ms) | {_ms(s['first_after_sweep_ms']['p50'])} | "
+        f"| first batch minus the engine's whole sweep (negative: the sweep goes from the "
+        "inside out and the first batch leaves before it ends, ms) | "
+        f"{_ms(s['first_after_sweep_ms']['p50'])} | "
         f"{_ms(s['first_after_sweep_ms']['p95'])} | {_ms(s['first_after_sweep_ms']['max'])} "
         "| | |",
         f"| last batch minus first batch (delivering the rest to 3 gateways, ms) | "
