@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import grpc_support
 import numpy as np
 import pyarrow as pa
 import redis
@@ -76,16 +77,8 @@ SCHEDULER_SLACK_S = 0.25
 def wait_until(
     predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition"
 ) -> object:
-    """Polls ``predicate`` until it returns something truthy and returns that; fails
-    after ``timeout`` seconds (a generous bound, never a measurement)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+    """:func:`grpc_support.wait_until` with the longer default bound restarts need."""
+    return grpc_support.wait_until(predicate, timeout, what)
 
 
 def free_port() -> int:
