@@ -564,6 +564,9 @@ class Dispatcher:
     def _queue_follow_up(self, alert: AlertState, box: Outbox, change: Change) -> int:
         """The follow-up goes to the devices handed over to this gateway: acked, or sent
         and in flight (the gateway handles those before the CLOSED message)."""
+        # TODO: after a restart, messages sent but not acked before the crash are back in
+        # `queued` and count as never sent: a resolve withdraws them and leaves their
+        # devices out of the follow-up, though the gateway may have pushed them.
         parts = list(alert.acked_ids.get(box.gateway_id, []))
         parts += [
             entry.ids
@@ -1053,6 +1056,9 @@ class Dispatcher:
     def forget(self, gateway: int, ids: np.ndarray) -> None:
         """Drops opted-out devices from messages not yet sent (the index forgets them
         separately)."""
+        # TODO: the copies of these messages in the gateway's Redis stream keep the
+        # devices, so after a crash a restarted engine would still send them; rewriting
+        # a stream entry means deleting and re-adding it, which changes its order.
         box = self.outboxes.get(gateway)
         if box is None or not box.queued:
             return

@@ -17,6 +17,9 @@ refused with UNAVAILABLE instead of waiting; queued changes wait in memory (inge
 queries go on) and are written in order when Redis is back. Without Redis (the embedded
 default) ops are durable as soon as they are made, and nothing survives a restart.
 
+One engine writes under a prefix at a time. TODO: nothing enforces it (no lease);
+a second engine on the same prefix would interleave its transactions with the first's.
+
 Keys, under a prefix (``tuanyuan:`` by default):
 
 =============================  ======  ===================================================
