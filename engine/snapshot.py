@@ -127,12 +127,8 @@ def write_snapshot(
     """
     started = time.perf_counter()
     path = Path(path)
-    # TODO: devices() walks the key table (random slab order) and is most of the write
-    # time; walking the slab in slot order would be faster and give rows in cell order,
-    # which the bulk load sorts faster (measured at 2M rows: 2.4 s instead of 3.8 s).
-    # FIXME: devices() splits its rows into columns holding the GIL (0.13 s at 2M
-    # devices, so about 0.7 s at 10M): the event loop stalls that long once per write.
-    # Building the columns inside py.detach in core_rs/src/python.rs fixes it.
+    # devices() gives rows in slot order, by cell for most of them, which the bulk load
+    # at start sorts almost for free; it builds the columns without holding the GIL.
     columns = index.devices()
     live = columns["seen_at"] >= now - index.ttl_s
     if not live.all():
@@ -351,8 +347,7 @@ def _first_line(error: BaseException) -> str:
 class Snapshotter:
     """Writes the snapshot of ``index`` to ``path`` every ``interval_s`` seconds of
     ``clock`` (:meth:`run`) and on request (:meth:`write_now`), one write at a time,
-    each in a worker thread so the event loop does not wait for it (but see the FIXME
-    in :func:`write_snapshot`).
+    each in a worker thread so the event loop does not wait for it.
 
     Requests made while a write runs are served together by one write that starts after
     it: a device forgotten before :meth:`write_now` is called is absent from the file
