@@ -259,6 +259,9 @@ class Dispatcher:
                     entry.alert_id, f"s{entry.stage}:g{entry.gateway}:acked", entry.devices
                 )
                 change.acked_ids(entry.alert_id, entry.gateway, entry.ids)
+        if box.has_forgotten and not box.queued and not box.unacked:
+            change.forget_list_done(box.gateway_id)  # no message left to filter
+            box.has_forgotten = False
         self.journal.submit(change.op())
 
     def _queue(self, gateway: int, entry: Entry, change: Change) -> None:
@@ -627,8 +630,12 @@ class Dispatcher:
             box.next_sequence = box.acked + 1
             box.next_queue_id = data["last_id"] + 1
             box.payload_versions = dict(data["payloads"])
+            forgotten = ids_from_bytes(data["forgotten"])
+            box.has_forgotten = forgotten.size > 0
             for stream_id, fields in data["entries"]:
                 entry = restore_entry(gateway, stream_id, fields)
+                if forgotten.size and entry.ids is not None and entry.kind == KIND_RECIPIENTS:
+                    entry.ids = entry.ids[~np.isin(entry.ids, forgotten)]
                 box.queued.append(entry)
         # A resolve whose messages were not written before a crash: write them now.
         for alert in self.alerts.values():
@@ -1053,20 +1060,36 @@ class Dispatcher:
 
     # Ingest bookkeeping shared with the server.
 
-    def forget(self, gateway: int, ids: np.ndarray) -> None:
-        """Drops opted-out devices from messages not yet sent (the index forgets them
-        separately)."""
-        # TODO: the copies of these messages in the gateway's Redis stream keep the
-        # devices, so after a crash a restarted engine would still send them; rewriting
-        # a stream entry means deleting and re-adding it, which changes its order.
+    async def forget(self, gateway: int, ids: np.ndarray) -> int:
+        """Drops opted-out devices from the gateway's messages not yet sent (the index
+        forgets them separately); returns how many were dropped. With Redis, the ids are
+        written to the gateway's ``forgotten`` list before this returns, and a restart
+        drops them again from the messages it reads back (stream entries cannot be
+        rewritten in place). The list is deleted once the gateway's queue is empty."""
         box = self.outboxes.get(gateway)
         if box is None or not box.queued:
-            return
+            return 0
+        removed = []
+        change = Change(self.journal)
         for entry in box.queued:
             if entry.ids is not None and entry.kind == KIND_RECIPIENTS:
                 keep = ~np.isin(entry.ids, ids)
                 if not keep.all():
+                    removed.append(entry.ids[~keep])
                     entry.ids = entry.ids[keep]
+                    # Counted as withdrawn: found, but never handed over.
+                    count = int((~keep).sum())
+                    alert = self.alerts.get(entry.alert_id)
+                    if alert is not None:
+                        alert.stages[entry.stage - 1].tally(gateway).withdrawn += count
+                    change.count(entry.alert_id, f"s{entry.stage}:g{gateway}:withdrawn", count)
+        if not removed:
+            return 0
+        dropped = np.concatenate(removed)
+        box.has_forgotten = True
+        change.forgotten(gateway, dropped)
+        await self._commit(change, None)
+        return int(dropped.size)
 
 
 def _schedule_record(schedule: Schedule) -> dict:

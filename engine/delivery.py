@@ -108,6 +108,8 @@ class Outbox:
         self.payload_versions: dict[str, int] = {}
         #: Queue number of the next message (its stream id), from 1.
         self.next_queue_id = 1
+        #: Opted-out devices were dropped from queued messages (see Dispatcher.forget).
+        self.has_forgotten = False
         self._on_sent = on_sent
         self._on_acked = on_acked
         self._on_ack = on_ack

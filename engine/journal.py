@@ -32,6 +32,7 @@ Keys, under a prefix (``tuanyuan:`` by default):
 ``gateway:{gw}:queue``         stream  messages not yet acknowledged, in order
 ``gateway:{gw}:acked``         string  the gateway's last acknowledged sequence number
 ``gateway:{gw}:payloads``      hash    alert id -> payload version queued to the gateway
+``gateway:{gw}:forgotten``     string  opted-out ids to drop from its queued messages
 ``audit``                      stream  the hash-chained audit trail
 ``audit:head``                 string  ``seq hash`` of the last audit entry
 ``journal``                    string  number of the last transaction applied
@@ -374,6 +375,7 @@ class Journal:
                 "last_id": last_id,
                 "entries": entries,
                 "payloads": {k.decode(): int(v) for k, v in payloads.items()},
+                "forgotten": await r.get(self.key("gateway", gateway, "forgotten")) or b"",
             }
         head = await r.get(self.key("audit:head"))
         if head:

@@ -65,6 +65,14 @@ class Change:
         """Deletes one of an alert's id lists (``notified`` or ``acked``)."""
         self.commands.append(("delete", self.journal.key("alert", alert_id, kind, gateway)))
 
+    def forgotten(self, gateway: int, ids: np.ndarray) -> None:
+        """Opted-out devices to drop from the gateway's queued messages after a restart."""
+        key = self.journal.key("gateway", gateway, "forgotten")
+        self.commands.append(("append", key, _ids_bytes(ids)))
+
+    def forget_list_done(self, gateway: int) -> None:
+        self.commands.append(("delete", self.journal.key("gateway", gateway, "forgotten")))
+
     def count(self, alert_id: str, name: str, amount: int) -> None:
         """Adds to a tally of the alert's state hash."""
         if amount:

@@ -699,7 +699,12 @@ async def _forget_devices(engine: EngineServer, request, context):
     forgotten = await asyncio.get_running_loop().run_in_executor(
         engine.ingest_pool, engine.index.remove, ids, request.gateway_id
     )
-    engine.dispatcher.forget(request.gateway_id, ids)
+    try:
+        await engine.dispatcher.forget(request.gateway_id, ids)
+    except AlertError as error:
+        await context.abort(
+            grpc.StatusCode[error.status], f"forgotten in memory, not yet in Redis: {error}"
+        )
     if engine.snapshotter is not None and forgotten:
         # The opted-out devices leave the snapshot file before the call returns.
         try:

@@ -16,8 +16,10 @@ import shutil
 import time
 
 import faults
+import numpy as np
 import pytest
 
+from engine import client
 from engine.journal import Journal, Op, StoreUnavailable
 
 pytestmark = pytest.mark.skipif(
@@ -111,3 +113,40 @@ def test_a_change_refused_while_queued_behind_a_failed_write_is_never_written(tm
         assert store.client.get("refused") is None
     finally:
         store.stop()
+
+
+def test_devices_forgotten_while_queued_stay_forgotten_after_a_kill(tmp_path):
+    """ForgetDevices takes the devices out of messages no gateway has taken yet; the
+    messages' copies in Redis still hold them, so a restarted engine must drop them
+    again, and then forget the list once the queue is empty."""
+    with faults.Rig(tmp_path, SCALE) as rig:
+        rig.start(connect=False)  # nobody takes the messages: they stay queued
+        radius = SCALE.stages()[0][0]
+        rig.create("forget-queued", [(radius, 600)])
+        faults.wait_until(
+            lambda: (
+                (a := rig.engine.get("forget-queued")).stages[0].swept
+                and a.stages[0].recipients > 0
+            ),
+            what="the sweep",
+        )
+        must, _ = rig.devices.within(radius, 1)
+        forgotten = must[::3]
+        reporter = rig.engine.channel("dev-reporter-1")
+        assert client.forget(reporter, 1, forgotten) == forgotten.size
+
+        rig.engine.kill()
+        rig.engine.start()
+        faults.connect_all(rig.gateways, rig.engine)
+        key = "tuanyuan:gateway:1:forgotten"
+        assert rig.redis.client.exists(key), "the list survives until the queue is empty"
+        faults.wait_until(
+            lambda: (
+                faults.all_acked(rig.engine.get("forget-queued"))
+                and not rig.redis.client.exists(key)
+            ),
+            what="delivery to gateway 1 and the list deleted",
+        )
+        got = rig.gateways[1].ids("forget-queued")
+        assert not np.isin(forgotten, got).any(), "a forgotten device was notified"
+        assert np.isin(np.setdiff1d(must, forgotten), got).all(), "the others all came"

@@ -43,7 +43,11 @@ def engine():
         engine.report(Population(5_000, seed=5).batches())
         engine.create(create_request("open", [BEIJING]))
         engine.create(create_request("done", [BEIJING]))
-        wait_until(lambda: engine.get("open").stages[0].recipients > 0, what="the sweep")
+        wait_until(
+            lambda: all(engine.get(a).stages[0].swept for a in ("open", "done")),
+            what="the sweeps",
+        )
+        assert engine.get("open").stages[0].recipients > 0
         engine.resolve("done", alert_pb2.RESOLUTION_FALSE_REPORT)
         yield engine
 

@@ -561,7 +561,8 @@ def test_resolving_withdraws_what_a_stuck_gateway_has_not_taken():
             alert = engine.get("stuck")
             first = tally(alert, 1, 1)
             return (
-                first is not None
+                alert.stages[0].swept
+                and first is not None
                 and first.acked == first.recipients > 0
                 and stuck.devices("stuck") > 0
                 and alert
@@ -684,7 +685,8 @@ def test_a_stuck_gateway_does_not_delay_the_others():
         def others_done():
             alert = engine.get("slow")
             done = [tally(alert, 1, g) for g in (2, 3)]
-            return all(t is not None and t.acked == t.recipients > 0 for t in done) and alert
+            acked = all(t is not None and t.acked == t.recipients > 0 for t in done)
+            return alert.stages[0].swept and acked and alert
 
         alert = wait_until(others_done, what="gateways 2 and 3")
         for gateway in (2, 3):

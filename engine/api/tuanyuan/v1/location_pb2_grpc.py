@@ -64,8 +64,10 @@ class LocationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ForgetDevices(self, request, context):
-        """Forgets devices at once (a user opted out): they are no longer located, notified
-        or kept anywhere.
+        """Forgets devices at once (a user opted out): their position is dropped from memory
+        and from the snapshot before the call returns, and they are taken out of the
+        messages not yet sent to their gateway. Lists of who an alert reached keep them
+        until they are purged, a set time after the alert closes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
