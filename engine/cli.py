@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from engine import schedules, security_cli, tools
 from engine.api import alert_pb2
+from engine.schedules import distance_text
 
 #: Where the alert commands find the engine unless --server says otherwise.
 DEFAULT_SERVER = os.environ.get("TUANYUAN_SERVER", "127.0.0.1:50051")
@@ -166,10 +167,6 @@ def _when(stamp) -> str:
     return stamp.ToDatetime(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _distance(metres: float) -> str:
-    return f"{metres / 1000:g} km" if metres >= 1000 else f"{metres:g} m"
-
-
 def format_alert(alert: alert_pb2.Alert) -> str:
     """An alert as a few lines for operators."""
     status = alert_pb2.AlertStatus.Name(alert.status).removeprefix("ALERT_STATUS_").lower()
@@ -193,7 +190,8 @@ def format_alert(alert: alert_pb2.Alert) -> str:
     for stage in alert.stages:
         started = _when(stage.started_at) if stage.HasField("started_at") else "not started"
         lines.append(
-            f"  stage {stage.stage_number}: {_distance(stage.radius_m)} for {stage.duration_s} s, "
+            f"  stage {stage.stage_number}: {distance_text(stage.radius_m)} "
+            f"for {stage.duration_s} s, "
             f"{stage.recipients:,} recipients ({stage.walked_in:,} walked in), {started}"
         )
         for g in stage.gateways:
@@ -282,7 +280,8 @@ def alert_command(args: argparse.Namespace) -> int:
             for s in response.stages:
                 per = ", ".join(f"gateway {g.gateway_id}: {g.devices:,}" for g in s.new_by_gateway)
                 lines.append(
-                    f"  stage {s.stage_number}: {_distance(s.radius_m)}, {s.new_recipients:,} new, "
+                    f"  stage {s.stage_number}: {distance_text(s.radius_m)}, "
+                    f"{s.new_recipients:,} new, "
                     f"{s.cumulative_recipients:,} in all ({per or 'none'})"
                 )
             _show(response, args, "\n".join(lines))

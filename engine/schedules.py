@@ -84,7 +84,7 @@ class Schedule:
     def describe(self) -> str:
         """The stages in one line, e.g. ``1 km for 1 h, 2 km for 1 h``."""
         return ", ".join(
-            f"{_distance(stage.radius_m)} for {_duration(stage.duration_s)}"
+            f"{distance_text(stage.radius_m)} for {duration_text(stage.duration_s)}"
             for stage in self.stages
         )
 
@@ -109,8 +109,8 @@ def check_stages(stages: tuple[Stage, ...]) -> None:
             )
         if radius < previous:
             raise ScheduleError(
-                f"stage {number}: radius {_distance(radius)} is smaller than the "
-                f"{_distance(previous)} of stage {number - 1}; rings must not shrink"
+                f"stage {number}: radius {distance_text(radius)} is smaller than the "
+                f"{distance_text(previous)} of stage {number - 1}; rings must not shrink"
             )
         if not isinstance(duration, int) or isinstance(duration, bool):
             raise ScheduleError(
@@ -209,11 +209,14 @@ def named(name_or_path: str) -> Schedule:
     )
 
 
-def _distance(metres: float) -> str:
+def distance_text(metres: float) -> str:
+    """``1 km``, ``1.5 km`` or ``800 m``: a radius for people."""
     return f"{metres / 1000:g} km" if metres >= 1000 else f"{metres:g} m"
 
 
-def _duration(seconds: int) -> str:
+def duration_text(seconds: float) -> str:
+    """``1 h``, ``90 min`` or ``45 s``: a whole number of seconds for people."""
+    seconds = int(seconds)
     if seconds % 3600 == 0:
         return f"{seconds // 3600} h"
     if seconds % 60 == 0:

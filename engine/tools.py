@@ -31,7 +31,13 @@ import numpy as np
 
 from engine import population as synthetic
 from engine import populations_io, schedules, tuning
-from engine.schedules import MAX_RADIUS_M, Schedule, ScheduleError
+from engine.schedules import (
+    MAX_RADIUS_M,
+    Schedule,
+    ScheduleError,
+    distance_text,
+    duration_text,
+)
 
 #: Cap on per-gateway counters kept while tuning (centres x gateways x radii).
 _MAX_COUNTERS = 60_000_000
@@ -83,19 +89,6 @@ class _Progress:
 
 def _status(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def _km(metres: float) -> str:
-    return f"{metres / 1000:g} km" if metres >= 1000 else f"{metres:g} m"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600} h"
-    if seconds % 60 == 0:
-        return f"{seconds // 60} min"
-    return f"{seconds} s"
 
 
 def _clock(seconds: float) -> str:
@@ -224,7 +217,7 @@ def population_info(args: argparse.Namespace) -> int:
         f"occupied): max {found.max_per_km2:,.0f} devices/km², p50 "
         f"{found.p50_per_km2:,.1f}, p90 {found.p90_per_km2:,.1f} (over occupied cells)"
     )
-    around = ", ".join(f"{_km(r)}: {v:,}" for r, v in found.around_densest.items())
+    around = ", ".join(f"{distance_text(r)}: {v:,}" for r, v in found.around_densest.items())
     print(
         f"densest point {found.densest_lat:.5f},{found.densest_lng:.5f} "
         f"(mean position in the densest cell); devices within {around}"
@@ -245,14 +238,14 @@ def _explain(schedule: Schedule) -> list[str]:
     ):
         area = tuning.disk_area_km2(stage.radius_m)
         lines.append(
-            f"{number:>5}  {_km(stage.radius_m):>8}  {_clock(start):>7}  "
-            f"{_duration(stage.duration_s):>7}  {_clock(start + stage.duration_s):>7}  "
+            f"{number:>5}  {distance_text(stage.radius_m):>8}  {_clock(start):>7}  "
+            f"{duration_text(stage.duration_s):>7}  {_clock(start + stage.duration_s):>7}  "
             f"{area:>9,.1f} km²"
         )
     widest = schedule.stages[-1].radius_m
     lines.append(
-        f"{len(schedule.stages)} stage(s), {_duration(schedule.duration_s)} in all; the "
-        f"widest ring is {_km(widest)} ({tuning.disk_area_km2(widest):,.1f} km²), after "
+        f"{len(schedule.stages)} stage(s), {duration_text(schedule.duration_s)} in all; the "
+        f"widest ring is {distance_text(widest)} ({tuning.disk_area_km2(widest):,.1f} km²), after "
         f"which the alert expires"
     )
     return lines
@@ -276,7 +269,7 @@ def schedules_list(args: argparse.Namespace) -> int:
     """Prints the shipped schedules."""
     for name, schedule in sorted(schedules.SHIPPED.items()):
         print(f"{name}: {schedule.description}")
-        print(f"  {schedule.describe()} ({_duration(schedule.duration_s)} in all)")
+        print(f"  {schedule.describe()} ({duration_text(schedule.duration_s)} in all)")
     return 0
 
 
@@ -402,7 +395,7 @@ def tune(args: argparse.Namespace) -> int:
     heading = (
         f"population {people.path}: {len(people):,} devices on {counter.gateways.size} "
         f"gateway(s)\nschedule {schedule.name or args.schedule}: {schedule.describe()} "
-        f"({_duration(schedule.duration_s)} in all)"
+        f"({duration_text(schedule.duration_s)} in all)"
     )
     document = {
         "population": {
@@ -469,7 +462,8 @@ def _tune_server(args: argparse.Namespace, schedule: Schedule, centre) -> int:
     for number, row in enumerate(rows, start=1):
         per = "  ".join(f"{g}: {n:,}" for g, n in row["per_gateway"].items())
         print(
-            f"{number:>5} {_km(row['radius_m']):>9} {_duration(row['duration_s']):>7} "
+            f"{number:>5} {distance_text(row['radius_m']):>9} "
+            f"{duration_text(row['duration_s']):>7} "
             f"{row['new_recipients']:>12,} {row['cumulative_recipients']:>12,}  {per}"
         )
     if args.json:
@@ -575,7 +569,8 @@ def _tune_one(args, people, counter, schedule, centre, movement, core, heading, 
     print(header + "  new per gateway")
     for number, row in enumerate(rows, start=1):
         line = (
-            f"{number:>5}  {_km(row['radius_m']):>8}  {_duration(row['duration_s']):>6}  "
+            f"{number:>5}  {distance_text(row['radius_m']):>8}  "
+            f"{duration_text(row['duration_s']):>6}  "
             f"{row['new_recipients']:>11,}  {row['cumulative_recipients']:>11,}"
         )
         if moving is not None:
@@ -641,7 +636,8 @@ def _print_spreads(title: str, stages: list[dict]) -> None:
     )
     for number, stage in enumerate(stages, start=1):
         print(
-            f"{number:>5}  {_km(stage['radius_m']):>8}  {_duration(stage['duration_s']):>6}  "
+            f"{number:>5}  {distance_text(stage['radius_m']):>8}  "
+            f"{duration_text(stage['duration_s']):>6}  "
             f"{_spread_text(stage['new_recipients']):>28}  "
             f"{_spread_text(stage['cumulative_recipients']):>30}"
         )
@@ -657,7 +653,7 @@ def _report_sampled(sampled: tuning.SampledReach, args, document: dict) -> None:
         "bounding box"
     )
     print(
-        f"density classes by devices within {_km(tuning.CLASS_RADIUS_M)} of the centre: "
+        f"density classes by devices within {distance_text(tuning.CLASS_RADIUS_M)} of the centre: "
         f"city centre at least {city:,.0f} ({args.city_density:,g}/km²): {tally[0]}, "
         f"suburb at least {suburb:,.0f} ({args.suburb_density:,g}/km²): {tally[1]}, "
         f"countryside: {tally[2]}"
@@ -745,7 +741,7 @@ def _tune_target(args, people, counter, schedule, goals, centre, heading, docume
         f"each stage's new recipients are pushed evenly over its first "
         f"{goals.push_minutes:g} min (the whole stage if shorter)"
     )
-    print(f"goals over {over}, radii searched from 10 m to {_km(limit)}:")
+    print(f"goals over {over}, radii searched from 10 m to {distance_text(limit)}:")
     if goals.min_first is not None:
         print(
             f"  --min-first-hour {goals.min_first:,}: at least that many devices in the "
@@ -764,9 +760,10 @@ def _tune_target(args, people, counter, schedule, goals, centre, heading, docume
         )
     print(f"\n{'stage':>5}  {'schedule':>9}  {'proposed':>9}  {'goals allow':>21}  why")
     for number, p in enumerate(proposals, start=1):
-        allowed = f"{_km(p.lowest_m)} to {_km(p.highest_m)}"
+        allowed = f"{distance_text(p.lowest_m)} to {distance_text(p.highest_m)}"
         print(
-            f"{number:>5}  {_km(p.schedule_radius_m):>9}  {_km(p.radius_m):>9}  "
+            f"{number:>5}  {distance_text(p.schedule_radius_m):>9}  "
+            f"{distance_text(p.radius_m):>9}  "
             f"{allowed:>21}  {p.reason}"
         )
     toml = _schedule_toml(tuned)
@@ -830,7 +827,7 @@ def _plot(folder: Path, people, counter, schedule: Schedule, document: dict, dra
         if sampled is None:
             centre = (document["centre"]["lat"], document["centre"]["lng"])
             labels = [
-                f"stage {k}: {_km(row['radius_m'])}, +{row['new_recipients']:,}"
+                f"stage {k}: {distance_text(row['radius_m'])}, +{row['new_recipients']:,}"
                 for k, row in enumerate(document["stages"], start=1)
             ]
             tuning_plots.rings(

@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from engine.index import EARTH_RADIUS_M
-from engine.schedules import MAX_RADIUS_M, Schedule, Stage
+from engine.schedules import MAX_RADIUS_M, Schedule, Stage, distance_text
 
 #: Side of the cells :class:`RingCounter` sorts devices into, in metres.
 DEFAULT_CELL_M = 250.0
@@ -1148,7 +1148,7 @@ def propose(
                 met = False
                 notes.append(
                     f"--min-first-hour {goals.min_first:,} cannot be met within "
-                    f"{_km(radii[-1])}: the p{goals.percentile:g} centre reaches "
+                    f"{distance_text(radii[-1])}: the p{goals.percentile:g} centre reaches "
                     f"{reach[-1]:,.0f} there"
                 )
                 lowest, lowest_by = len(radii) - 1, "min_first"
@@ -1177,8 +1177,8 @@ def propose(
         if lowest > highest:
             met = False
             notes.append(
-                f"--min-first-hour needs at least {_km(radii[lowest])} but "
-                f"{_flag(highest_by)} allows at most {_km(radii[highest])}: the cap wins"
+                f"--min-first-hour needs at least {distance_text(radii[lowest])} but "
+                f"{_flag(highest_by)} allows at most {distance_text(radii[highest])}: the cap wins"
             )
             chosen, binding = highest, highest_by
         elif own < lowest:
@@ -1207,14 +1207,14 @@ def propose(
 
 def _reason(k, binding, chosen, own, lowest, highest, highest_by, radii, total, caps, goals):
     """One sentence on why a stage got its radius, with the numbers that decided."""
-    r, r_own = _km(radii[chosen]), _km(radii[own])
+    r, r_own = distance_text(radii[chosen]), distance_text(radii[own])
     if binding == "schedule":
         if not caps:
             return f"kept {r} from the schedule: no goal binds"
         room = (
-            f"the caps allow up to {_km(radii[highest])}"
+            f"the caps allow up to {distance_text(radii[highest])}"
             if highest_by
-            else f"the caps hold up to {_km(radii[highest])}, the widest radius searched"
+            else f"the caps hold up to {distance_text(radii[highest])}, the widest radius searched"
         )
         return f"kept {r} from the schedule: no goal binds ({room})"
     if binding == "previous":
@@ -1227,7 +1227,7 @@ def _reason(k, binding, chosen, own, lowest, highest, highest_by, radii, total, 
         )
     load = caps[binding][1]
     over = chosen + 1 < len(radii)
-    beyond = f", {load[chosen + 1]:,.0f} at {_km(radii[chosen + 1])}" if over else ""
+    beyond = f", {load[chosen + 1]:,.0f} at {distance_text(radii[chosen + 1])}" if over else ""
     unit = " a minute on the busiest gateway" if binding == "max_gateway_rate" else ""
     limit = goals.max_new if binding == "max_new" else goals.max_gateway_rate
     return (
@@ -1245,15 +1245,11 @@ def _flag(goal: str | None) -> str:
     }.get(goal or "", "the caps")
 
 
-def _km(metres: float) -> str:
-    return f"{metres / 1000:g} km" if metres >= 1000 else f"{metres:g} m"
-
-
 def proposed_schedule(schedule: Schedule, proposals: list[StageProposal]) -> Schedule:
     """The schedule with the proposed radii (same durations)."""
     return Schedule(
         tuple(Stage(p.radius_m, p.duration_s) for p in proposals),
         name=f"{schedule.name or 'schedule'}-tuned",
         description=f"radii tuned from {schedule.name or 'a schedule'}: "
-        + ", ".join(_km(p.radius_m) for p in proposals),
+        + ", ".join(distance_text(p.radius_m) for p in proposals),
     )

@@ -473,7 +473,10 @@ def test_resolving_stops_emission_and_follows_up_exactly_the_devices_reached():
         watcher = Watcher(engine, "found")
         wait_until(lambda: watcher.events, what="the snapshot")
 
-        notices = [("zh-Hans", "孩子已找到。谢谢"), ("en", "The child was found, thank you")]
+        notices = [
+            ("zh-Hans", "孩子已找到。谢谢"),
+            ("en", "The child was found, thank you"),
+        ]
         resolved = engine.resolve("found", alert_pb2.RESOLUTION_FOUND, notices)
         assert resolved.status == RESOLVED and resolved.resolution == alert_pb2.RESOLUTION_FOUND
         assert resolved.current_stage == 0 and resolved.version == 2
