@@ -35,7 +35,7 @@ import numpy as np
 import psutil
 
 from bench import common, grpc_report, grpc_worker
-from engine import client, population
+from engine import client, population, server
 from engine.api import alert_pb2
 from engine.index import AlertRecord, LocationIndex
 
@@ -48,7 +48,6 @@ TTL_S = 24 * 3600
 STAGE_S = 3600
 #: Seconds between two GetAlert polls while waiting for a delivery to be acked.
 POLL_S = 0.02
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _count(text: str) -> int:
@@ -142,49 +141,32 @@ def say(message: str) -> None:
 # Processes.
 
 
-def _serve_flags() -> set[str]:
-    """The flags ``tuanyuan serve`` takes in the engine being measured."""
-    from engine import cli
-
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            serve = action.choices["serve"]
-            return {flag for option in serve._actions for flag in option.option_strings}
-    return set()
-
-
 class Engine:
     """``tuanyuan serve --dev`` in a child process, its log in ``workdir``.
 
-    An engine that asks callers for credentials gets a file of the benchmark's own
-    (``--credentials``): an issuer allowed the most alerts a minute (the default limit,
-    10, would refuse the benchmark's dozen alerts within a minute), and a reporter and
-    a gateway credential per gateway, each party using its own token.
+    It runs with credentials of the benchmark's own (``--credentials``): an issuer
+    allowed the most alerts a minute (the default limit, 10, would refuse the
+    benchmark's dozen alerts within a minute), and a reporter and a gateway credential
+    per gateway, each party using its own token.
     """
 
     def __init__(self, workdir: Path) -> None:
         self.port_file = workdir / "engine.port"
         self.log = workdir / "engine.log"
         self.tokens: dict[str, str] = {}
-        self.command = [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "serve",
-            "--dev",
+        self.flags = [
             "--listen",
             "127.0.0.1:0",
-            "--port-file",
-            str(self.port_file),
             "--ttl",
             str(TTL_S),
             # Info, not warning: the engine logs each sweep with its time (one line per
             # alert stage, none per batch), the in-engine baseline of the report.
             "--log-level",
             "info",
+            "--credentials",
+            str(self._credentials(workdir / "credentials.toml")),
         ]
-        if "--credentials" in _serve_flags():
-            self.command += ["--credentials", str(self._credentials(workdir / "credentials.toml"))]
+        self.command = ["-m", "engine.cli", "serve", *self.flags]
         self.process: subprocess.Popen | None = None
         self.port = 0
 
@@ -211,16 +193,7 @@ class Engine:
         return self.tokens.get(party)
 
     def start(self) -> None:
-        with self.log.open("w") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 60
-        while not self.port_file.exists() or not self.port_file.read_text().strip():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the engine did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        self.port = int(self.port_file.read_text())
+        self.process, self.port = server.spawn(self.flags, self.port_file, self.log)
 
     def cpu_s(self) -> float:
         times = psutil.Process(self.process.pid).cpu_times()
@@ -827,7 +800,7 @@ def run(args: argparse.Namespace, workdir: Path, machine: dict) -> dict:
     try:
         engine.start()
         say(f"engine pid {engine.process.pid} on 127.0.0.1:{engine.port}")
-        result["engine_command"] = " ".join(engine.command[1:])
+        result["engine_command"] = " ".join(engine.command)
         result["credentials"] = bool(engine.tokens)
 
         # Children: gateways subscribe now; reporters encode both passes up front.

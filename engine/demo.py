@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import auth, client, population
+from engine import auth, client, population, server
 from engine.api import alert_pb2, gateway_pb2
 from engine.index import EARTH_RADIUS_M
 
@@ -87,33 +87,24 @@ class Gateway:
         return np.concatenate(parts) if parts else np.empty(0, np.uint64)
 
 
-def _start_engine(folder: Path, devices: int) -> tuple[subprocess.Popen, int, Path]:
-    port_file = folder / "port"
+def _start_engine(folder: Path) -> tuple[subprocess.Popen, int, Path]:
     log = folder / "engine.log"
-    command = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "serve",
+    flags = [
         "--dev",
+        "--dev-tokens",
+        str(folder / "tokens.json"),
         "--listen",
         "127.0.0.1:0",
-        "--port-file",
-        str(port_file),
         "--clock-speed",
         str(SPEED),
         "--ttl",
         str(int(6 * HOUR)),
-        "--dev-tokens",
-        str(folder / "tokens.json"),
     ]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not port_file.exists() or not port_file.read_text().strip():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the engine did not start; see {log}:\n{log.read_text()}")
-        time.sleep(0.05)
-    return process, int(port_file.read_text()), log
+    try:
+        process, port = server.spawn(flags, folder / "port", log)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
+    return process, port, log
 
 
 class Channels:
@@ -192,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        process, port, log = _start_engine(Path(scratch), args.devices)
+        process, port, log = _start_engine(Path(scratch))
         try:
             tokens = auth.read_dev_tokens(Path(scratch) / "tokens.json")
             return _story(args, Channels(port, tokens), port, out, started)

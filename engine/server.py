@@ -16,9 +16,13 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -929,7 +933,10 @@ async def serve(options: ServerOptions, port_file: Path | None = None) -> None:
     engine = EngineServer(options)
     port = await engine.start()
     if port_file is not None:
-        port_file.write_text(f"{port}\n")
+        # Written whole or not at all: a waiting parent never reads half a number.
+        partial = port_file.with_name(port_file.name + ".tmp")
+        partial.write_text(f"{port}\n")
+        os.replace(partial, port_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -937,3 +944,25 @@ async def serve(options: ServerOptions, port_file: Path | None = None) -> None:
     await stop.wait()
     _LOG.info("shutting down: finishing running calls for up to 5 s")
     await engine.stop(5.0)
+
+
+def spawn(
+    flags: list[str], port_file: Path, log: Path, *, timeout_s: float = 60.0
+) -> tuple[subprocess.Popen, int]:
+    """Starts ``tuanyuan serve`` with ``flags`` (``--port-file`` is added) in a child
+    process, its output appended to ``log``, and waits until it serves; returns the
+    process and its port. Raises ``RuntimeError`` with the end of the log if it exits or
+    does not serve within ``timeout_s``."""
+    port_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "engine.cli", "serve", *flags, "--port-file", str(port_file)]
+    with log.open("a") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                process.kill()
+            tail = log.read_text()[-4000:]
+            raise RuntimeError(f"the engine did not start; the end of {log}:\n{tail}")
+        time.sleep(0.02)
+    return process, int(port_file.read_text())

@@ -31,7 +31,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,12 +45,10 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oracle import SLACK_M, haversine_m
 
-from engine import audit, auth, client, population
+from engine import audit, auth, client, population, server
 from engine.api import alert_pb2, gateway_pb2, gateway_pb2_grpc
 from engine.persist import ids_from_bytes
 from engine.server import SERVICES
-
-ROOT = Path(__file__).resolve().parent.parent
 
 #: Redis flags the engine's durability promise rests on (see the module docstring).
 REDIS_DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
@@ -198,17 +195,16 @@ class Engine:
         self.port_file = folder / "engine.port"
         self.tokens_file = folder / "dev-tokens.json"
         self.log = folder / "engine.log"
-        self.command = [
-            sys.executable, "-m", "engine.cli", "serve",
+        self.flags = [
             "--dev", "--dev-tokens", str(self.tokens_file),
             "--redis", redis_url,
-            "--listen", "127.0.0.1:0", "--port-file", str(self.port_file),
+            "--listen", "127.0.0.1:0",
             "--ttl", str(TTL_S),
             "--batch-devices", str(batch_devices),
         ]  # fmt: skip
         if snapshot is not None:
-            self.command += ["--snapshot", str(snapshot)]
-            self.command += ["--snapshot-interval", str(snapshot_interval_s)]
+            self.flags += ["--snapshot", str(snapshot)]
+            self.flags += ["--snapshot-interval", str(snapshot_interval_s)]
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.started_at = self.serving_at = 0.0
@@ -218,23 +214,11 @@ class Engine:
     def start(self) -> float:
         """Starts the engine; returns the seconds until it served."""
         self._close_channels()
-        self.port_file.unlink(missing_ok=True)
         self.started_at = time.monotonic()
         with self.log.open("a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
-            log.flush()
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-
-        def bound() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the engine exited:\n{self.log.read_text()[-4000:]}")
-            return self.port_file.exists() and self.port_file.read_text().endswith("\n")
-
-        wait_until(bound, 60.0, "the engine to serve")
+        self.process, self.port = server.spawn(self.flags, self.port_file, self.log)
         self.serving_at = time.monotonic()
-        self.port = int(self.port_file.read_text())
         self._tokens = auth.read_dev_tokens(self.tokens_file)
         return self.serving_at - self.started_at
 
