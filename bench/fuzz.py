@@ -24,7 +24,6 @@ the live devices, the gateway queues). It writes ``bench/results/fuzz.json`` and
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import json
 import logging
@@ -755,14 +754,7 @@ class FuzzWorld:
         """Waits for the background work of the calls so far (stage sweeps that
         CreateAlert spawns), so that a state read afterwards is stable."""
 
-        async def quiet():
-            # XXX: reads the dispatcher's private task set; it is the only record of
-            # the stage work CreateAlert starts in the background.
-            tasks = self.thread.engine.dispatcher._tasks
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-
-        self.thread.call(quiet)
+        self.thread.call(self.thread.engine.dispatcher.settle)
 
     def state(self) -> tuple:
         """The alerts (ListAlerts), the live devices and each gateway's queue."""

@@ -861,6 +861,12 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
+    async def settle(self) -> None:
+        """Returns once the background work started so far (stage changes, sweeps) is
+        done; for callers that read the state right after a burst of calls."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def _finished(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
