@@ -359,6 +359,17 @@ class Dispatcher:
         except StoreUnavailable as error:
             raise Unavailable(f"{error}; retry later") from None
 
+    def same_alert(self, request: alert_pb2.CreateAlertRequest) -> AlertState | None:
+        """The alert a repeated CreateAlert asks for, or None when its id is new; raises
+        AlreadyExists when the id is taken by other content."""
+        existing = self.alerts.get(request.alert_id)
+        if existing is not None and existing.fingerprint != fingerprint(request):
+            raise AlreadyExists(
+                f"alert_id {request.alert_id!r} is already used by an alert with other "
+                "content; use UpdateAlert to change it"
+            )
+        return existing
+
     async def create(
         self,
         request: alert_pb2.CreateAlertRequest,
@@ -369,19 +380,13 @@ class Dispatcher:
     ) -> tuple[AlertState, bool]:
         """Stores a checked alert once it is durable; returns it and whether it is new."""
         async with self._actions:
-            digest = fingerprint(request)
-            existing = self.alerts.get(request.alert_id)
+            existing = self.same_alert(request)
             if existing is not None:
-                if existing.fingerprint != digest:
-                    raise AlreadyExists(
-                        f"alert_id {request.alert_id!r} is already used by an alert with other "
-                        "content; use UpdateAlert to change it"
-                    )
                 return existing, False
             now = self.clock.now()
             alert = AlertState(
                 alert_id=request.alert_id,
-                fingerprint=digest,
+                fingerprint=fingerprint(request),
                 centre_lat=centres[0],
                 centre_lng=centres[1],
                 centre_labels=centres[2],

@@ -501,10 +501,9 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
         async def work():
             now = self.engine.clock.now()
             _check_alert_id(request.alert_id)
-            existing = self.dispatcher.alerts.get(request.alert_id)
-            if existing is not None:  # the same content again, or ALREADY_EXISTS
-                alert, _ = await self.dispatcher.create(request, existing.schedule, None, 0.0)
-                return self.dispatcher.snapshot(alert)
+            existing = self.dispatcher.same_alert(request)  # or ALREADY_EXISTS
+            if existing is not None:
+                return self.dispatcher.snapshot(existing)
             centres = _centres(request.centres, "centres")
             schedule = self.engine.schedule_of(request, "schedule")
             if not request.HasField("payload"):
