@@ -1,4 +1,5 @@
-"""Prometheus metrics of one engine, served over HTTP by ``tuanyuan serve --metrics``.
+"""Prometheus metrics of one engine, served by ``tuanyuan serve --metrics``
+(:mod:`engine.metrics_http`).
 
 Each engine has its own registry, so several engines (tests) never share counters.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -59,9 +60,3 @@ class Metrics:
             ["gateway"],
             registry=r,
         )
-
-    def serve(self, host: str, port: int):
-        """Serves ``/metrics`` on ``host:port`` in a background thread; returns the HTTP
-        server (``shutdown()`` stops it) and the port bound."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server, server.server_address[1]

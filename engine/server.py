@@ -243,6 +243,8 @@ class EngineServer:
                 self.schedules[schedule.name or path.stem] = schedule
         if options.credentials is None and not options.allow_all_callers:
             raise ValueError("an engine needs credentials (or allow_all_callers for tests)")
+        if options.credentials is None and options.metrics_listen:
+            raise ValueError("the metrics endpoint needs credentials: it is never open")
         self.metrics = Metrics(lambda: self.index.live())
         self.ingest_pool = ThreadPoolExecutor(options.ingest_threads, "ingest")
         self.query_pool = ThreadPoolExecutor(options.query_threads, "query")
@@ -332,12 +334,9 @@ class EngineServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.options.metrics_listen:
             host, port = _split_host_port(self.options.metrics_listen, "--metrics")
-            if self.options.credentials is not None:
-                self._metrics_http, self.metrics_port = metrics_http.serve_metrics(
-                    self.metrics.registry, host, port, self.options.credentials, self.options.tls
-                )
-            else:
-                self._metrics_http, self.metrics_port = self.metrics.serve(host, port)
+            self._metrics_http, self.metrics_port = metrics_http.serve_metrics(
+                self.metrics.registry, host, port, self.options.credentials, self.options.tls
+            )
         loop = asyncio.get_running_loop()
         self._scheduler = loop.create_task(self.dispatcher.run(self._stop))
         if self.snapshotter is not None:
