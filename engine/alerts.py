@@ -226,7 +226,8 @@ class Dispatcher:
     def outbox(self, gateway: int) -> Outbox:
         box = self.outboxes.get(gateway)
         if box is None:
-            box = Outbox(gateway, self._on_sent, self._on_acked, self._on_ack)
+            record = self._record_handover if self.journal.durable else None
+            box = Outbox(gateway, self._on_sent, self._on_acked, self._on_ack, record)
             self.outboxes[gateway] = box
         return box
 
@@ -263,6 +264,11 @@ class Dispatcher:
             change.forget_list_done(box.gateway_id)  # no message left to filter
             box.has_forgotten = False
         self.journal.submit(change.op())
+
+    def _record_handover(self, box: Outbox, queue_number: int) -> None:
+        change = Change(self.journal)
+        change.handover_mark(box.gateway_id, queue_number)
+        self.journal.submit(change.op(lambda: box.handover_recorded(queue_number)))
 
     def _queue(self, gateway: int, entry: Entry, change: Change) -> None:
         """Puts a message in a gateway's queue; it is sent once ``change`` is durable."""
@@ -571,14 +577,13 @@ class Dispatcher:
 
     def _queue_follow_up(self, alert: AlertState, box: Outbox, change: Change) -> int:
         """The follow-up goes to the devices handed over to this gateway: acked, or sent
-        and in flight (the gateway handles those before the CLOSED message)."""
-        # TODO: after a restart, messages sent but not acked before the crash are back in
-        # `queued` and count as never sent: a resolve withdraws them and leaves their
-        # devices out of the follow-up, though the gateway may have pushed them.
+        and in flight, or maybe sent before a restart (the gateway handles all of those
+        before the CLOSED message)."""
         parts = list(alert.acked_ids.get(box.gateway_id, []))
+        handed = list(box.unacked) + [entry for entry in box.queued if entry.handed]
         parts += [
             entry.ids
-            for entry in box.unacked
+            for entry in handed
             if entry.alert_id == alert.alert_id and entry.kind == KIND_RECIPIENTS
         ]
         if not parts:
@@ -634,11 +639,13 @@ class Dispatcher:
             box.acked = data["acked"]
             box.next_sequence = box.acked + 1
             box.next_queue_id = data["last_id"] + 1
+            box.handover_mark = data["handed"]
             box.payload_versions = dict(data["payloads"])
             forgotten = ids_from_bytes(data["forgotten"])
             box.has_forgotten = forgotten.size > 0
             for stream_id, fields in data["entries"]:
                 entry = restore_entry(gateway, stream_id, fields)
+                entry.handed = entry.queue_number <= box.handover_mark
                 if forgotten.size and entry.ids is not None and entry.kind == KIND_RECIPIENTS:
                     entry.ids = entry.ids[~np.isin(entry.ids, forgotten)]
                 box.queued.append(entry)

@@ -8,6 +8,13 @@ receives every message it had not acknowledged. Messages that never left the eng
 be withdrawn (an alert closed before they went out); sequence numbers are given at the
 first send, so withdrawing leaves no gap.
 
+With a durable journal, no message leaves before the queue knows it may have: the
+outbox records a hand-over mark (the highest queue number that may have been sent)
+through ``record_handover`` and waits until it is durable before sending past it. After a
+restart, the messages at or below the mark are ``handed``: they count as sent (a resolve
+does not withdraw them and their devices get the follow-up), though they wait in
+``queued`` to be sent again like any unacknowledged message.
+
 Everything here runs on the server's event loop thread; nothing is shared with other
 threads, so there are no locks.
 """
@@ -57,6 +64,14 @@ class Entry:
     durable: bool = True
     #: Its id in the gateway's Redis stream, ``N-0`` with N the queue number.
     stream_id: str = ""
+    #: May have been handed over before a restart: it counts as sent.
+    handed: bool = False
+
+    @property
+    def queue_number(self) -> int:
+        """The gateway's number of this message in its queue (from 1), given when it is
+        queued; unlike the sequence number it never changes."""
+        return int(self.stream_id.split("-", 1)[0])
 
     @property
     def devices(self) -> int:
@@ -87,7 +102,9 @@ class Outbox:
 
     ``on_sent(entry)`` is called the first time an entry goes out; ``on_acked(entry,
     latency_s)`` when the gateway acknowledges it; the alerts use them to count
-    progress.
+    progress. ``record_handover(outbox, queue_number)``, when given, makes a hand-over
+    mark durable and then calls :meth:`handover_recorded`; without it (no durable
+    journal) messages go out without a mark.
     """
 
     def __init__(
@@ -96,6 +113,7 @@ class Outbox:
         on_sent: Callable[[Entry], None],
         on_acked: Callable[[Entry, float], None],
         on_ack: Callable[[int, list[Entry]], None] | None = None,
+        record_handover: Callable[[Outbox, int], None] | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.queued: deque[Entry] = deque()
@@ -110,6 +128,10 @@ class Outbox:
         self.next_queue_id = 1
         #: Opted-out devices were dropped from queued messages (see Dispatcher.forget).
         self.has_forgotten = False
+        #: Messages up to this queue number may have been sent (durable).
+        self.handover_mark = 0
+        self._mark_wanted = 0  # the mark being recorded, 0 when none is
+        self._record_handover = record_handover
         self._on_sent = on_sent
         self._on_acked = on_acked
         self._on_ack = on_ack
@@ -121,10 +143,11 @@ class Outbox:
         self.wakeup.set()
 
     def withdraw(self, alert_id: str, kind: int) -> list[Entry]:
-        """Removes the queued (never sent) entries of one alert and kind."""
+        """Removes the queued entries of one alert and kind that were never sent."""
         kept, removed = deque(), []
         for entry in self.queued:
-            (removed if entry.alert_id == alert_id and entry.kind == kind else kept).append(entry)
+            mine = entry.alert_id == alert_id and entry.kind == kind and not entry.handed
+            (removed if mine else kept).append(entry)
         self.queued = kept
         return removed
 
@@ -166,6 +189,9 @@ class Outbox:
             entry = self.unacked[index]
         elif self.queued and self.queued[0].durable:
             entry = self.queued[0]
+            if self._record_handover is not None and entry.queue_number > self.handover_mark:
+                self._want_mark(connection)
+                return None, float("inf")  # until the mark is durable
         else:
             return None, float("inf")  # nothing queued, or not written to Redis yet
 
@@ -193,6 +219,30 @@ class Outbox:
             self._on_sent(entry)
         connection.sent_upto = entry.sequence
         return entry, 0.0
+
+    def _want_mark(self, connection: Connection) -> None:
+        """Asks for a hand-over mark covering what ``connection`` may send now: the
+        durable queued messages that fit in its window, or only the first one when the
+        gateway is paced (the rest would wait, and must not count as sent meanwhile)."""
+        if self._mark_wanted:
+            return
+        room = connection.window - (connection.sent_upto - self.acked)
+        if connection.rate > 0:
+            room = 1
+        upto = 0
+        for entry in self.queued:
+            if room <= 0 or not entry.durable:
+                break
+            upto = entry.queue_number
+            room -= 1
+        self._mark_wanted = upto
+        self._record_handover(self, upto)
+
+    def handover_recorded(self, queue_number: int) -> None:
+        """The hand-over mark ``queue_number`` is durable: messages up to it may go."""
+        self.handover_mark = max(self.handover_mark, queue_number)
+        self._mark_wanted = 0
+        self.wakeup.set()
 
     def ack(self, sequence: int) -> None:
         """Acknowledges every message up to ``sequence``; raises ``ValueError`` for a

@@ -6,7 +6,9 @@ written by one task in the order they were made, many to a ``MULTI``/``EXEC``
 transaction, so Redis always holds a prefix of the engine's history. What an op makes
 possible happens only once the op is durable: an alert is accepted (and the caller
 answered) after its op is written, and a recipient message can be sent only after it is
-in its gateway's stream. So a crash loses nothing that anyone outside was told about.
+in its gateway's stream, and only once its gateway's hand-over mark covers it. So a crash
+loses nothing that anyone outside was told about, and a restarted engine knows which
+messages may have reached a gateway.
 
 Each transaction also stores its number under ``journal``. When a write fails without
 an answer (the connection dropped), the writer reads that number once Redis is back to
@@ -31,6 +33,7 @@ Keys, under a prefix (``tuanyuan:`` by default):
 ``gateways``                   set     gateway ids with a queue
 ``gateway:{gw}:queue``         stream  messages not yet acknowledged, in order
 ``gateway:{gw}:acked``         string  the gateway's last acknowledged sequence number
+``gateway:{gw}:handed``        string  queue number up to which messages may have been sent
 ``gateway:{gw}:payloads``      hash    alert id -> payload version queued to the gateway
 ``gateway:{gw}:forgotten``     string  opted-out ids to drop from its queued messages
 ``audit``                      stream  the hash-chained audit trail
@@ -372,6 +375,7 @@ class Journal:
             payloads = await r.hgetall(self.key("gateway", gateway, "payloads"))
             restored.gateways[gateway] = {
                 "acked": int(await r.get(self.key("gateway", gateway, "acked")) or 0),
+                "handed": int(await r.get(self.key("gateway", gateway, "handed")) or 0),
                 "last_id": last_id,
                 "entries": entries,
                 "payloads": {k.decode(): int(v) for k, v in payloads.items()},

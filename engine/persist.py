@@ -93,6 +93,11 @@ class Change:
             stream = self.journal.key("gateway", box.gateway_id, "queue")
             self.commands.append(("xdel", stream, *[e.stream_id for e in entries]))
 
+    def handover_mark(self, gateway: int, queue_number: int) -> None:
+        """Messages of the gateway's queue up to ``queue_number`` may be sent."""
+        key = self.journal.key("gateway", gateway, "handed")
+        self.commands.append(("set", key, queue_number))
+
     def acked_upto(self, gateway: int, sequence: int) -> None:
         self.commands.append(("set", self.journal.key("gateway", gateway, "acked"), sequence))
 
@@ -140,8 +145,3 @@ def restore_entry(gateway: int, stream_id: bytes, fields: dict) -> Entry:
     entry.stream_id = stream_id.decode()
     entry.durable = True
     return entry
-
-
-def stream_number(stream_id: str) -> int:
-    """The queue number of an explicit stream id ``N-0``."""
-    return int(stream_id.split("-", 1)[0])

@@ -63,6 +63,8 @@ CENTRE = population.city_centre("Beijing")
 
 RECIPIENTS = gateway_pb2.MESSAGE_KIND_RECIPIENTS
 ALERT = gateway_pb2.MESSAGE_KIND_ALERT
+FOLLOW_UP = gateway_pb2.MESSAGE_KIND_FOLLOW_UP
+CLOSED = gateway_pb2.MESSAGE_KIND_CLOSED
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ALERT_SERVICE = SERVICES[0]
@@ -1031,6 +1033,92 @@ def gateway_dropped_mid_stream(folder: Path, scale: Scale) -> Result:
     return result
 
 
+def engine_killed_before_resolve(folder: Path, scale: Scale) -> Result:
+    """Each gateway acks the alert and holds the first recipient message it is sent,
+    unacked (a window of one); SIGKILL the engine; restart it and resolve the alert with
+    a follow-up before the gateways come back.
+
+    Checks: the restarted engine cannot know whether the held messages were pushed, so
+    it counts them as sent: the resolve withdraws every other recipient message, the
+    held ones come again before CLOSED and nothing else does, and the follow-up goes to
+    exactly their devices. Here **expected** counts the held devices, **delivered** the
+    devices the follow-up reached.
+    """
+    release = threading.Event()
+    held: dict[int, np.ndarray] = {}
+
+    def holding(gateway: int):
+        def handle(message: gateway_pb2.GatewayMessage, ids: np.ndarray) -> None:
+            if message.kind == RECIPIENTS:
+                held.setdefault(gateway, ids)
+                release.wait()
+
+        return handle
+
+    with Rig(folder, scale, ack_delay_s=0.0) as rig:
+        result = Result("engine SIGKILL with messages held, then resolve", len(rig.devices))
+        engine = rig.engine
+        rig.start(connect=False)
+        holders = [
+            client.GatewaySubscription(
+                engine.channel(f"dev-gateway-{g}"), g, holding(g), max_unacked_messages=1
+            )
+            for g in rig.gateways
+        ]
+        alert_id = "resolve-after-kill"
+        rig.create(alert_id, [(scale.radii_m[0], 600)])
+        wait_until(lambda: len(held) == len(rig.gateways), what="a message held by each gateway")
+        engine.kill()
+        for holder in holders:
+            holder.close(timeout=0)
+        release.set()
+
+        result.serving_s = engine.start()
+        request = alert_pb2.ResolveAlertRequest(
+            alert_id=alert_id,
+            resolution=alert_pb2.RESOLUTION_FOUND,
+            follow_up=[alert_pb2.LocalizedNotice(language="en", text="Found, thank you")],
+        )
+        resolved = engine.issuer.ResolveAlert(request, timeout=30)
+        connect_all(rig.gateways, engine)
+        for g, gateway in rig.gateways.items():
+            wait_until(lambda gw=gateway: gw.handled(alert_id, FOLLOW_UP), what=f"follow-up to {g}")
+            mine = np.unique(held[g])
+            again = np.unique(gateway.ids(alert_id))
+            parts = [d.ids for d in gateway.handled(alert_id, FOLLOW_UP)]
+            follow_up = np.unique(np.concatenate(parts))
+            where = f"gateway {g}"
+            result.expected += int(mine.size)
+            result.delivered += int(np.intersect1d(follow_up, mine).size)
+            result.duplicated += int(np.intersect1d(again, mine).size)
+            result.duplicates_allowed += int(mine.size)
+            result.lost += int(np.setdiff1d(mine, follow_up).size)
+            result.unexpected += int(np.setdiff1d(np.union1d(again, follow_up), mine).size)
+            result.check(
+                np.array_equal(again, mine), f"{where}: other recipients than the held came"
+            )
+            result.check(np.array_equal(follow_up, mine), f"{where}: follow-up not to the held")
+            kinds = [d.message.kind for d in gateway.deliveries if d.message.alert_id == alert_id]
+            closed = kinds.index(CLOSED) if CLOSED in kinds else len(kinds)
+            result.check(closed < len(kinds), f"{where}: no CLOSED message")
+            result.check(RECIPIENTS not in kinds[closed:], f"{where}: recipients after CLOSED")
+        result.check(
+            resolved.follow_up_devices == result.expected,
+            f"ResolveAlert counts {resolved.follow_up_devices} follow-up devices, "
+            f"{result.expected} were held",
+        )
+        stage = engine.get(alert_id).stages[0]
+        result.details["held_at_kill"] = result.expected
+        result.details["withdrawn"] = sum(g.withdrawn for g in stage.gateways)
+        for tally in stage.gateways:
+            result.check(
+                tally.withdrawn == tally.recipients - held[tally.gateway_id].size,
+                f"gateway {tally.gateway_id}: {tally.withdrawn} of {tally.recipients} "
+                "withdrawn, the held ones included",
+            )
+    return result
+
+
 class RawStream:
     """A gateway's Subscribe stream on a channel of its own, read and acked by hand;
     what it reads counts as handled by ``gateway`` (as a subscription of its own)."""
@@ -1267,6 +1355,7 @@ SCENARIOS: list[tuple[str, Callable[..., Result], dict]] = [
     ("engine-kill-rereport", engine_killed_mid_stage, {"snapshot": False}),
     ("engine-kill-snapshot", engine_killed_mid_stage, {"snapshot": True}),
     ("engine-kill-after-create", engine_killed_after_create, {}),
+    ("engine-kill-before-resolve", engine_killed_before_resolve, {}),
     ("gateway-drop", gateway_dropped_mid_stream, {}),
     ("redis-kill", redis_killed, {}),
     ("redis-client-kill", redis_connections_cut, {}),

@@ -285,3 +285,58 @@ def test_a_put_wakes_a_waiting_sender(box):
         return box.acked
 
     assert asyncio.run(scenario()) == 1
+
+
+class Marks:
+    """A durable store of hand-over marks that answers when told to."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def record(self, box: Outbox, queue_number: int) -> None:
+        self.asked.append(queue_number)
+
+
+def numbered(box: Outbox, count: int, first: int = 1) -> list[Entry]:
+    entries = []
+    for number in range(first, first + count):
+        item = entry()
+        item.stream_id = f"{number}-0"
+        box.put(item)
+        entries.append(item)
+    return entries
+
+
+def test_nothing_is_sent_past_the_hand_over_mark_until_it_is_durable(calls):
+    marks = Marks()
+    box = Outbox(7, calls.on_sent, calls.on_acked, record_handover=marks.record)
+    numbered(box, 5)
+    connection = box.attach(0.0, 3)
+    assert box.next_message(connection) == (None, math.inf)
+    assert marks.asked == [3], "one mark for what the window lets out"
+    assert box.next_message(connection) == (None, math.inf)
+    assert marks.asked == [3], "asked once while it is being written"
+
+    box.handover_recorded(3)
+    assert [e.queue_number for e in send_all(box, connection)] == [1, 2, 3]
+    box.ack(2)
+    assert send_all(box, connection) == []
+    assert marks.asked == [3, 5]
+    box.handover_recorded(5)
+    assert [e.queue_number for e in send_all(box, connection)] == [4, 5]
+
+
+def test_a_paced_gateway_marks_one_message_at_a_time(calls):
+    marks = Marks()
+    box = Outbox(7, calls.on_sent, calls.on_acked, record_handover=marks.record)
+    numbered(box, 4)
+    connection = box.attach(1e9, 64)
+    box.next_message(connection)
+    assert marks.asked == [1]
+
+
+def test_messages_marked_before_a_restart_count_as_sent(box):
+    held, fresh = numbered(box, 2)
+    held.handed = True
+    assert box.withdraw("a", KIND_RECIPIENTS) == [fresh]
+    assert list(box.queued) == [held]

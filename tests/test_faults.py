@@ -150,3 +150,11 @@ def test_devices_forgotten_while_queued_stay_forgotten_after_a_kill(tmp_path):
         got = rig.gateways[1].ids("forget-queued")
         assert not np.isin(forgotten, got).any(), "a forgotten device was notified"
         assert np.isin(np.setdiff1d(must, forgotten), got).all(), "the others all came"
+
+
+def test_a_resolve_after_a_kill_follows_up_what_was_handed_over_and_withdraws_the_rest(
+    tmp_path,
+):
+    result = passed(faults.engine_killed_before_resolve(tmp_path, SCALE))
+    assert result.details["held_at_kill"] > 0 and result.details["withdrawn"] > 0
+    assert result.duplicated == result.duplicates_allowed == result.expected
