@@ -43,6 +43,7 @@ class UsageError(Exception):
 
 def serve(args: argparse.Namespace) -> int:
     from engine.clock import Clock, ScaledClock
+    from engine.journal import StoreUnavailable
     from engine.server import ServerOptions
     from engine.server import serve as run_server
 
@@ -74,6 +75,7 @@ def serve(args: argparse.Namespace) -> int:
         credentials=security.credentials,
         tls=security.tls,
         redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
         audit_log=args.audit_log,
         snapshot_path=args.snapshot,
         snapshot_interval_s=args.snapshot_interval,
@@ -83,6 +85,9 @@ def serve(args: argparse.Namespace) -> int:
         asyncio.run(run_server(options, port_file=args.port_file))
     except (OSError, ValueError, schedules.ScheduleError) as error:
         raise UsageError(str(error)) from None
+    except StoreUnavailable as error:
+        print(f"tuanyuan: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -399,6 +404,11 @@ def _add_serve_command(commands) -> None:
         "--redis",
         help="redis://HOST:PORT/DB keeping alerts, recipients, queues and the audit trail "
         "(default: in this process only, lost at exit)",
+    )
+    run.add_argument(
+        "--redis-prefix",
+        default="tuanyuan:",
+        help="prefix of this engine's Redis keys; one engine at a time holds a prefix (tuanyuan:)",
     )
     run.add_argument(
         "--snapshot",

@@ -19,8 +19,14 @@ refused with UNAVAILABLE instead of waiting; queued changes wait in memory (inge
 queries go on) and are written in order when Redis is back. Without Redis (the embedded
 default) ops are durable as soon as they are made, and nothing survives a restart.
 
-One engine writes under a prefix at a time. TODO: nothing enforces it (no lease);
-a second engine on the same prefix would interleave its transactions with the first's.
+One engine writes under a prefix at a time, and the journal enforces it with a lease:
+the ``owner`` key names the engine (host, process, a random token) and lapses
+:data:`LEASE_S` seconds after its last renewal. Every transaction watches it, checks it
+is still this engine's and renews it, so once another engine holds the prefix nothing
+of this one is written again: it stops (:class:`PrefixTaken`). An idle engine renews it
+every third of the lease. At start, an engine takes a free or lapsed lease; it takes one
+at once from a process of the same host that is gone (a restart after a crash);
+otherwise it waits one lease for the holder to lapse and then gives up, naming it.
 
 Keys, under a prefix (``tuanyuan:`` by default):
 
@@ -39,6 +45,7 @@ Keys, under a prefix (``tuanyuan:`` by default):
 ``audit``                      stream  the hash-chained audit trail
 ``audit:head``                 string  ``seq hash`` of the last audit entry
 ``journal``                    string  number of the last transaction applied
+``owner``                      string  ``host pid token`` of the engine holding the lease
 =============================  ======  ===================================================
 """
 
@@ -46,8 +53,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from redis.exceptions import WatchError
 
 _LOG = logging.getLogger("engine.journal")
 
@@ -55,6 +68,8 @@ _LOG = logging.getLogger("engine.journal")
 MAX_OPS_PER_WRITE = 512
 #: Seconds between two attempts while Redis is unreachable, at most.
 MAX_BACKOFF_S = 2.0
+#: Seconds an engine's lease on its prefix lasts after its last renewal.
+LEASE_S = 5.0
 GENESIS = "0" * 64
 #: What a caller refused while its change was queued or being written is told.
 _MAYBE = (
@@ -65,6 +80,27 @@ _MAYBE = (
 
 class StoreUnavailable(Exception):
     """Redis cannot be reached; the change was not made."""
+
+
+class PrefixTaken(StoreUnavailable):
+    """Another engine holds the lease on the key prefix: this one may not write there."""
+
+
+def _holder_of(value: bytes) -> tuple[str, int | None]:
+    """The host and process id a lease names."""
+    host, _, rest = value.decode(errors="replace").partition(" ")
+    pid = rest.partition(" ")[0]
+    return host, int(pid) if pid.isdigit() else None
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass(eq=False)
@@ -107,6 +143,8 @@ class Journal:
         seal: Callable[[dict, str, int], dict] | None = None,
         audit_sink: Callable[[dict], None] | None = None,
         on_availability: Callable[[bool], None] | None = None,
+        on_taken: Callable[[str], None] | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -116,6 +154,11 @@ class Journal:
         self._seal = seal
         self._audit_sink = audit_sink
         self._on_availability = on_availability
+        self._on_taken = on_taken
+        self.lease_s = lease_s
+        self._holder = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}".encode()
+        #: Why this engine lost its prefix to another; None while it holds it.
+        self.taken: str | None = None
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         #: Changes whose callers wait in :meth:`commit`.
         self._waiting: set[Op] = set()
@@ -146,7 +189,11 @@ class Journal:
                 self.url, socket_timeout=2.0, socket_connect_timeout=1.0
             )
             try:
+                await self._acquire()
                 restored = await self._load()
+            except PrefixTaken:
+                await self._redis.aclose()
+                raise
             except Exception as error:
                 await self._redis.aclose()
                 raise StoreUnavailable(f"cannot read the state from {self.url}: {error}") from None
@@ -168,7 +215,110 @@ class Journal:
                 )
                 self._writer.cancel()
         if self._redis is not None:
+            if self.taken is None:
+                await self._release()
             await self._redis.aclose()
+
+    # The lease.
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, round(self.lease_s * 1000))
+
+    async def _acquire(self) -> None:
+        """Takes the lease on the prefix, or raises :class:`PrefixTaken`."""
+        r, key = self._redis, self.key("owner")
+        waiting_since = None
+        while True:
+            if await r.set(key, self._holder, nx=True, px=self._lease_ms):
+                if waiting_since is not None:
+                    _LOG.warning(
+                        "journal: the lease on prefix %r lapsed after %.1f s; this engine "
+                        "holds it now",
+                        self.prefix,
+                        time.monotonic() - waiting_since,
+                    )
+                return
+            current = await r.get(key)
+            if current is None:
+                continue  # it lapsed just now
+            host, pid = _holder_of(current)
+            if (
+                host == socket.gethostname()
+                and pid not in (None, os.getpid())
+                and _process_gone(pid)
+            ):
+                if await self._replace(key, current):
+                    _LOG.warning(
+                        "journal: took the lease on prefix %r from process %d of this host, "
+                        "which is gone",
+                        self.prefix,
+                        pid,
+                    )
+                    return
+                continue
+            holder = f"process {pid} on {host}"
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                _LOG.warning(
+                    "journal: prefix %r of %s is held by %s (lease ends in %.1f s unless "
+                    "renewed); waiting for it to lapse",
+                    self.prefix,
+                    self.url,
+                    holder,
+                    max(0, await r.pttl(key)) / 1000,
+                )
+            elif time.monotonic() - waiting_since > self.lease_s + 1.0:
+                raise PrefixTaken(
+                    f"another engine, {holder}, writes under the prefix {self.prefix!r} of "
+                    f"{self.url} and keeps renewing its lease; stop it, or give this engine "
+                    "another --redis-prefix"
+                )
+            await asyncio.sleep(min(0.1, self.lease_s / 10))
+
+    async def _replace(self, key: str, expected: bytes) -> bool:
+        """Sets this engine's lease if ``key`` still holds ``expected``."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                if await pipe.get(key) != expected:
+                    return False
+                pipe.multi()
+                pipe.set(key, self._holder, px=self._lease_ms)
+                await pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    async def _release(self) -> None:
+        """Gives the lease up at shutdown, so that a successor starts at once."""
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.key("owner"))
+                if await pipe.get(self.key("owner")) == self._holder:
+                    pipe.multi()
+                    pipe.delete(self.key("owner"))
+                    await pipe.execute()
+        except Exception as error:  # it lapses by itself
+            _LOG.warning("journal: the lease on prefix %r was not released: %s", self.prefix, error)
+
+    def _lost_prefix(self, holder: bytes, ops: list[Op]) -> None:
+        host, pid = _holder_of(holder)
+        self.taken = (
+            f"another engine, process {pid} on {host}, took the prefix {self.prefix!r} of "
+            f"{self.url}; this engine wrote nothing after that and stops"
+        )
+        _LOG.critical(
+            "journal: %s (%d changes unwritten)", self.taken, len(ops) + self._queue.qsize()
+        )
+        self.available = False
+        for op in [*ops, *self._waiting]:
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(PrefixTaken(self.taken))
+        if self._on_availability is not None:
+            self._on_availability(False)
+        if self._on_taken is not None:
+            self._on_taken(self.taken)
 
     # Submitting changes.
 
@@ -188,6 +338,8 @@ class Journal:
         if self._redis is None:
             self._apply_locally(op)
             return
+        if self.taken is not None:
+            raise PrefixTaken(self.taken)
         if not self.available:
             raise StoreUnavailable(f"Redis at {self.url} is unreachable; nothing was changed")
         op.future = asyncio.get_running_loop().create_future()
@@ -215,8 +367,13 @@ class Journal:
     # Writing.
 
     async def _write_forever(self) -> None:
-        while True:
-            ops = [await self._queue.get()]
+        while self.taken is None:
+            try:
+                ops = [await asyncio.wait_for(self._queue.get(), self.lease_s / 3)]
+            except TimeoutError:
+                if self._redis is not None:
+                    await self._write([])  # nothing to write: renew the lease
+                continue
             while len(ops) < MAX_OPS_PER_WRITE and not self._queue.empty():
                 ops.append(self._queue.get_nowait())
             dropped = sum(1 for op in ops if op.abandoned)
@@ -269,8 +426,23 @@ class Journal:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             seq, head = self.audit_seq, self.audit_head
             sealed = []
+            pipe = self._redis.pipeline(transaction=True)
             try:
-                pipe = self._redis.pipeline(transaction=True)
+                # The transaction applies only if the lease is still this engine's and
+                # nobody touches it before EXEC.
+                owner = self.key("owner")
+                await pipe.watch(owner)
+                holder = await pipe.get(owner)
+                if holder is not None and holder != self._holder:
+                    self._lost_prefix(holder, ops)
+                    return
+                if holder is None:
+                    _LOG.warning(
+                        "journal: the lease on prefix %r had lapsed and nobody took it; "
+                        "renewed with this transaction",
+                        self.prefix,
+                    )
+                pipe.multi()
                 for op in ops:
                     for method, *args in op.commands:
                         getattr(pipe, method)(*args)
@@ -283,12 +455,17 @@ class Journal:
                 if sealed:
                     pipe.set(self.key("audit:head"), f"{seq} {head}")
                 pipe.set(self.key("journal"), number)
+                pipe.set(owner, self._holder, px=self._lease_ms)
                 results = await pipe.execute()
                 break
+            except WatchError:
+                continue  # the lease changed hands or lapsed: nothing was applied; look again
             except Exception as error:  # connection errors and timeouts of every kind
                 self.failed_writes += 1
                 self._set_available(False, error)
                 unsure = True
+            finally:
+                await pipe.reset()
         self._set_available(True)
         self.audit_seq, self.audit_head = seq, head
         self.written_ops += len(ops)

@@ -39,7 +39,7 @@ from engine.api import alert_pb2, alert_pb2_grpc, gateway_pb2, location_pb2
 from engine.clock import Clock
 from engine.delivery import DEFAULT_WINDOW, MAX_WINDOW
 from engine.index import DEFAULT_RESOLUTION, DEFAULT_TTL_S, LocationIndex
-from engine.journal import Journal
+from engine.journal import Journal, PrefixTaken
 from engine.metrics import Metrics
 from engine.schedules import Schedule, ScheduleError
 from engine.snapshot import Snapshotter
@@ -257,6 +257,7 @@ class EngineServer:
             seal=audit.seal,
             audit_sink=self.audit_file.write_sealed if self.audit_file else None,
             on_availability=self._store_availability,
+            on_taken=self._prefix_taken,
         )
         if self.audit_file is not None:
             self.journal.audit_seq = self.audit_file.chain.seq
@@ -281,6 +282,8 @@ class EngineServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self._stop = asyncio.Event()
+        #: Set when another engine took the Redis prefix: this one must stop.
+        self.prefix_lost = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._health = health.aio.HealthServicer()
 
@@ -292,6 +295,9 @@ class EngineServer:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         asyncio.get_running_loop().create_task(self._health.set(SERVICES[0], status))
+
+    def _prefix_taken(self, reason: str) -> None:
+        self.prefix_lost.set()
 
     async def start(self) -> int:
         """Loads the snapshot and the durable state, binds and starts serving; returns
@@ -927,7 +933,9 @@ class ServerThread:
 
 
 async def serve(options: ServerOptions, port_file: Path | None = None) -> None:
-    """Runs until SIGINT or SIGTERM, then stops gracefully."""
+    """Runs until SIGINT or SIGTERM, then stops gracefully. Raises
+    :class:`~engine.journal.StoreUnavailable` when Redis cannot be read at start, and
+    :class:`~engine.journal.PrefixTaken` when another engine holds or takes its prefix."""
     engine = EngineServer(options)
     port = await engine.start()
     if port_file is not None:
@@ -939,9 +947,14 @@ async def serve(options: ServerOptions, port_file: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    waits = [loop.create_task(stop.wait()), loop.create_task(engine.prefix_lost.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
     _LOG.info("shutting down: finishing running calls for up to 5 s")
     await engine.stop(5.0)
+    if engine.journal.taken is not None:
+        raise PrefixTaken(engine.journal.taken)
 
 
 def spawn(
