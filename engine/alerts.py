@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine import audit, geofence
+from engine import audit, geofence, logs
 from engine.api import alert_pb2, gateway_pb2
 from engine.clock import Clock
 from engine.delivery import (
@@ -428,6 +428,14 @@ class Dispatcher:
             alert.schedule.name or "inline",
             alert.schedule.describe(),
             max(0.0, alert.start_time - self.clock.now()),
+            extra=logs.fields(
+                alert_id=alert.alert_id,
+                event="created",
+                centres=int(alert.centre_lat.size),
+                schedule=alert.schedule.name or "inline",
+                radii_m=[stage.radius_m for stage in alert.schedule.stages],
+                start_time=alert.start_time,
+            ),
         )
 
     async def update(
@@ -494,7 +502,15 @@ class Dispatcher:
             changes.append(f"{centres[0].size} centre(s)")
         if replay:
             return
-        _LOG.info("alert %s updated to version %d: %s", alert.alert_id, alert.version, changes)
+        _LOG.info(
+            "alert %s updated to version %d: %s",
+            alert.alert_id,
+            alert.version,
+            changes,
+            extra=logs.fields(
+                alert_id=alert.alert_id, event="updated", version=alert.version, changes=changes
+            ),
+        )
         self._emit(alert, alert_pb2.ALERT_EVENT_KIND_UPDATED)
 
     async def resolve(
@@ -562,6 +578,14 @@ class Dispatcher:
             len(alert.record) - withdrawn,
             withdrawn,
             reached,
+            extra=logs.fields(
+                alert_id=alert.alert_id,
+                event="resolved",
+                resolution=alert_pb2.Resolution.Name(resolution),
+                notified=len(alert.record) - withdrawn,
+                withdrawn=withdrawn,
+                follow_up=reached,
+            ),
         )
         self._emit(alert, alert_pb2.ALERT_EVENT_KIND_RESOLVED, final=True)
 
@@ -614,6 +638,12 @@ class Dispatcher:
             alert.alert_id,
             len(alert.stages),
             len(alert.record),
+            extra=logs.fields(
+                alert_id=alert.alert_id,
+                event="expired",
+                stages=len(alert.stages),
+                notified=len(alert.record),
+            ),
         )
         self._emit(alert, alert_pb2.ALERT_EVENT_KIND_EXPIRED, final=True)
 
@@ -816,6 +846,7 @@ class Dispatcher:
                     alert.alert_id,
                     stage,
                     sum(ids.size for ids in found.values()),
+                    extra=logs.fields(alert_id=alert.alert_id, event="sweep_stopped", stage=stage),
                 )
                 return
             self._queue_recipients(alert, stage, found, walked_in=False)
@@ -831,6 +862,16 @@ class Dispatcher:
             sum(total.values()),
             per_gateway or "none",
             (time.perf_counter() - started) * 1e3,
+            extra=logs.fields(
+                alert_id=alert.alert_id,
+                event="swept",
+                stage=stage,
+                radius_m=state.radius_m,
+                reason=reason,
+                new_recipients=sum(total.values()),
+                per_gateway={str(g): n for g, n in sorted(total.items())},
+                ms=round((time.perf_counter() - started) * 1e3, 2),
+            ),
         )
 
     def tick(self) -> None:
@@ -865,6 +906,7 @@ class Dispatcher:
             alert.alert_id,
             len(gateways),
             self.clock.now() - alert.closed_at,
+            extra=logs.fields(alert_id=alert.alert_id, event="purged", gateways=len(gateways)),
         )
 
     def spawn(self, work) -> None:

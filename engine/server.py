@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine import audit, auth, geofence, metrics_http, schedules
+from engine import audit, auth, geofence, logs, metrics_http, schedules
 from engine.alerts import AlertError, Dispatcher
 from engine.api import alert_pb2, alert_pb2_grpc, gateway_pb2, location_pb2
 from engine.clock import Clock
@@ -41,7 +41,7 @@ from engine.delivery import DEFAULT_WINDOW, MAX_WINDOW
 from engine.index import DEFAULT_RESOLUTION, DEFAULT_TTL_S, LocationIndex
 from engine.journal import Journal, PrefixTaken
 from engine.metrics import Metrics
-from engine.schedules import Schedule, ScheduleError
+from engine.schedules import Schedule, ScheduleError, duration_text
 from engine.snapshot import Snapshotter
 from engine.tls import ServerTLS
 
@@ -49,6 +49,12 @@ _LOG = logging.getLogger("engine.server")
 
 #: Largest message either side may send, in bytes (a batch of 2.5 million devices).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: The server pings a connection that has been quiet this many seconds, and drops it
+#: when the ping is not answered within KEEPALIVE_TIMEOUT_S: a gateway whose host
+#: vanished without closing its connection is seen as gone (its stream ends and its
+#: messages wait for its return) within half a minute, not when TCP gives up.
+KEEPALIVE_S = 20.0
+KEEPALIVE_TIMEOUT_S = 10.0
 MAX_CENTRES = 16
 MAX_LABEL_BYTES = 200
 MAX_TEXTS = 16
@@ -218,6 +224,10 @@ class ServerOptions:
     snapshot_interval_s: float = 60.0
     #: Seconds after an alert closes that the lists of who it reached are purged.
     purge_after_s: float = 7 * 24 * 3600.0
+    #: Seconds of quiet before the server pings a connection, and seconds it waits for
+    #: the answer before dropping it.
+    keepalive_s: float = KEEPALIVE_S
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
 
 
 def _split_host_port(text: str, flag: str) -> tuple[str, int]:
@@ -317,6 +327,12 @@ class EngineServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", round(self.options.keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", round(self.options.keepalive_timeout_s * 1000)),
+                # Newer gRPC cores time a ping out by this one, a minute unless set.
+                ("grpc.http2.ping_timeout_ms", round(self.options.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
         alert_pb2_grpc.add_AlertServiceServicer_to_server(AlertServicer(self), server)
@@ -519,9 +535,18 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
                 start = _seconds(request.start_time, "start_time")
                 if start > now + MAX_START_AHEAD_S:
                     raise Invalid("start_time is more than a day ahead")
+                if start + schedule.duration_s <= now:
+                    raise Invalid(
+                        f"start_time is {duration_text(now - start)} ago: the schedule "
+                        f"({duration_text(schedule.duration_s)} in all) would have ended, "
+                        "and the alert would notify nobody"
+                    )
             alert, new = await self.dispatcher.create(request, schedule, centres, start, _actor())
             if new:
                 self.dispatcher.spawn(self.dispatcher.advance(alert))
+                # One turn of the loop: a due stage starts (its ring is published and its
+                # sweep begins) before the reply is made, so the reply shows it running.
+                await asyncio.sleep(0)
             return self.dispatcher.snapshot(alert)
 
         return await self._run(context, work)
@@ -816,6 +841,14 @@ async def _subscribe(engine: EngineServer, request_iterator, context):
         connection.window,
         len(box.unacked),
         len(box.queued),
+        extra=logs.fields(
+            gateway_id=gateway,
+            event="subscribed",
+            rate=hello.max_devices_per_second,
+            window=connection.window,
+            to_resend=len(box.unacked),
+            queued=len(box.queued),
+        ),
     )
     failure: list[str] = []
 
@@ -867,6 +900,13 @@ async def _subscribe(engine: EngineServer, request_iterator, context):
             box.acked,
             len(box.unacked),
             len(box.queued),
+            extra=logs.fields(
+                gateway_id=gateway,
+                event="unsubscribed",
+                acked=box.acked,
+                unacked=len(box.unacked),
+                queued=len(box.queued),
+            ),
         )
 
 

@@ -171,6 +171,25 @@ def test_a_start_more_than_a_day_ahead_is_refused(engine):
     engine.resolve("tomorrow", alert_pb2.RESOLUTION_CANCELLED)
 
 
+def test_a_start_so_long_ago_that_the_schedule_ended_is_refused(engine):
+    ended = engine.clock.now() - 3 * 3600  # the local schedule lasts three hours
+    request = create_request("ended", [BEIJING], "local", start_time=timestamp(ended))
+    unchanged(engine, lambda: engine.create(request), INVALID, "start_time", "ended")
+    # A second later, it is still in its last stage: accepted, and running when answered.
+    request = create_request("ended", [BEIJING], "local", start_time=timestamp(ended + 1))
+    created = engine.create(request)
+    assert created.status == alert_pb2.ALERT_STATUS_ACTIVE and created.current_stage >= 1
+    wait_until(lambda: engine.get("ended").current_stage == 3, what="the last stage")
+    engine.resolve("ended", alert_pb2.RESOLUTION_CANCELLED)
+
+
+def test_an_alert_that_starts_now_is_running_when_create_answers(engine):
+    created = engine.create(create_request("now", [BEIJING], "local"))
+    assert created.status == alert_pb2.ALERT_STATUS_ACTIVE and created.current_stage == 1
+    assert created.stages[0].HasField("started_at")
+    engine.resolve("now", alert_pb2.RESOLUTION_CANCELLED)
+
+
 def test_a_last_seen_time_in_the_future_is_refused(engine):
     request = create_request("future", [BEIJING])
     request.payload.last_seen_at.CopyFrom(timestamp(engine.clock.now() + 3600))
