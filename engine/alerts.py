@@ -220,6 +220,10 @@ class Dispatcher:
         self._tasks: set[asyncio.Task] = set()
         #: Serialises the issuer's actions (create, update, resolve) across alerts.
         self._actions = asyncio.Lock()
+        #: Serialises opt-outs: each holds the messages it changes until it is durable.
+        self._forgetting = asyncio.Lock()
+        #: Opt-outs not yet durable, by gateway: their ids and their write's future.
+        self._forgets: dict[int, list[tuple[np.ndarray, asyncio.Future]]] = {}
 
     # Outboxes.
 
@@ -1122,34 +1126,74 @@ class Dispatcher:
 
     async def forget(self, gateway: int, ids: np.ndarray) -> int:
         """Drops opted-out devices from the gateway's messages not yet sent (the index
-        forgets them separately); returns how many were dropped. With Redis, the ids are
-        written to the gateway's ``forgotten`` list before this returns, and a restart
-        drops them again from the messages it reads back (stream entries cannot be
-        rewritten in place). The list is deleted once the gateway's queue is empty."""
-        box = self.outboxes.get(gateway)
-        if box is None or not box.queued:
+        forgets them separately); returns how many were dropped.
+
+        The messages holding them are held back (not sent) until the ids are written,
+        with Redis, to the gateway's ``forgotten`` list together with the withdrawn
+        counts; then the messages lose them. That write is never dropped: while Redis is
+        unreachable the call answers UNAVAILABLE, the messages stay held, and the write
+        happens when Redis is back; a retry waits for it. A restart drops the listed ids
+        again from the messages it reads back (stream entries cannot be rewritten in
+        place); the list is deleted once the gateway's queue is empty."""
+        async with self._forgetting:
+            pending = self._forgets.setdefault(gateway, [])
+            waits = [future for listed, future in pending if np.isin(ids, listed).any()]
+            if pending:
+                ids = np.setdiff1d(ids, np.concatenate([listed for listed, _ in pending]))
+            box = self.outboxes.get(gateway)
+            held = []
+            for entry in box.queued if box is not None and ids.size else ():
+                if entry.ids is not None and entry.kind == KIND_RECIPIENTS:
+                    found = entry.ids[np.isin(entry.ids, ids)]
+                    if found.size:
+                        held.append((entry, found))
+            if held:
+                waits.append(self._hold_back(box, held, pending))
+        if not waits:
             return 0
-        removed = []
+        if not self.journal.available:
+            raise Unavailable(_HELD_BACK.format(gateway=gateway))
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*waits)), 5.0)
+        except TimeoutError:
+            raise Unavailable(_HELD_BACK.format(gateway=gateway)) from None
+        return sum(int(found.size) for _, found in held)
+
+    def _hold_back(self, box: Outbox, held: list, pending: list) -> asyncio.Future:
+        """Holds back the queued messages in ``held`` (pairs of a message and its
+        opted-out devices) and writes the opt-out; returns the write's future."""
         change = Change(self.journal)
-        for entry in box.queued:
-            if entry.ids is not None and entry.kind == KIND_RECIPIENTS:
-                keep = ~np.isin(entry.ids, ids)
-                if not keep.all():
-                    removed.append(entry.ids[~keep])
-                    entry.ids = entry.ids[keep]
-                    # Counted as withdrawn: found, but never handed over.
-                    count = int((~keep).sum())
-                    alert = self.alerts.get(entry.alert_id)
-                    if alert is not None:
-                        alert.stages[entry.stage - 1].tally(gateway).withdrawn += count
-                    change.count(entry.alert_id, f"s{entry.stage}:g{gateway}:withdrawn", count)
-        if not removed:
-            return 0
-        dropped = np.concatenate(removed)
-        box.has_forgotten = True
-        change.forgotten(gateway, dropped)
-        await self._commit(change, None)
-        return int(dropped.size)
+        listed = np.concatenate([found for _, found in held])
+        change.forgotten(box.gateway_id, listed)
+        for entry, found in held:
+            # Counted as withdrawn: found, but never handed over.
+            change.count(entry.alert_id, f"s{entry.stage}:g{box.gateway_id}:withdrawn", found.size)
+            entry.durable = False  # not sent with these devices meanwhile
+
+        def drop() -> None:
+            for entry, found in held:
+                entry.ids = entry.ids[~np.isin(entry.ids, found)]
+                entry.durable = True
+                alert = self.alerts.get(entry.alert_id)
+                if alert is not None:
+                    alert.stages[entry.stage - 1].tally(box.gateway_id).withdrawn += found.size
+            box.has_forgotten = True
+            box.wakeup.set()
+            if record:
+                pending.remove(record[0])
+
+        record: list[tuple[np.ndarray, asyncio.Future]] = []
+        future = self.journal.write(change.op(drop))
+        if not future.done():  # with Redis: durable later
+            record.append((listed, future))
+            pending.append(record[0])
+        return future
+
+
+_HELD_BACK = (
+    "Redis is unreachable: the messages queued for gateway {gateway} that hold these "
+    "devices are held back, and lose them as soon as Redis is back; retrying is safe"
+)
 
 
 def _schedule_record(schedule: Schedule) -> dict:

@@ -329,6 +329,18 @@ class Journal:
         else:
             self._queue.put_nowait(op)
 
+    def write(self, op: Op) -> asyncio.Future:
+        """Queues a change that is never dropped, however long Redis is away, and
+        returns a future done once it is durable (at once without Redis)."""
+        future = asyncio.get_running_loop().create_future()
+        if self._redis is None:
+            self._apply_locally(op)
+            future.set_result(None)
+            return future
+        op.future = future
+        self._queue.put_nowait(op)
+        return future
+
     async def commit(self, op: Op, timeout_s: float = 5.0) -> None:
         """Writes a change a caller waits for; raises :class:`StoreUnavailable` at once
         when Redis is known to be down or turns out to be while the change waits or is

@@ -732,14 +732,9 @@ async def _forget_devices(engine: EngineServer, request, context):
     forgotten = await asyncio.get_running_loop().run_in_executor(
         engine.ingest_pool, engine.index.remove, ids, request.gateway_id
     )
-    try:
-        await engine.dispatcher.forget(request.gateway_id, ids)
-    except AlertError as error:
-        await context.abort(
-            grpc.StatusCode[error.status], f"forgotten in memory, not yet in Redis: {error}"
-        )
     if engine.snapshotter is not None and forgotten:
-        # The opted-out devices leave the snapshot file before the call returns.
+        # The opted-out devices leave the snapshot file before the call returns, whatever
+        # happens to the queued messages below.
         try:
             await engine.snapshotter.write_now("devices forgotten")
         except OSError as error:
@@ -747,6 +742,13 @@ async def _forget_devices(engine: EngineServer, request, context):
                 grpc.StatusCode.UNAVAILABLE,
                 f"forgotten in memory, but the snapshot could not be rewritten ({error}); retry",
             )
+    try:
+        await engine.dispatcher.forget(request.gateway_id, ids)
+    except AlertError as error:
+        await context.abort(
+            grpc.StatusCode[error.status],
+            f"forgotten in memory{' and in the snapshot' if engine.snapshotter else ''}; {error}",
+        )
     _LOG.info(
         "gateway %d: %d devices opted out, %d were held", request.gateway_id, ids.size, forgotten
     )

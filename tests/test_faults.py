@@ -16,7 +16,9 @@ import shutil
 import time
 
 import faults
+import grpc
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from engine import client
@@ -158,3 +160,44 @@ def test_a_resolve_after_a_kill_follows_up_what_was_handed_over_and_withdraws_th
     result = passed(faults.engine_killed_before_resolve(tmp_path, SCALE))
     assert result.details["held_at_kill"] > 0 and result.details["withdrawn"] > 0
     assert result.duplicated == result.duplicates_allowed == result.expected
+
+
+def test_devices_forgotten_while_redis_is_down_leave_the_snapshot_and_the_retry_finishes(
+    tmp_path,
+):
+    """ForgetDevices while Redis is down: the devices leave memory and the snapshot file
+    at once; the call answers UNAVAILABLE because the queued messages that hold them
+    cannot be changed durably; those messages are not sent meanwhile. Once Redis is
+    back, the retry finishes the work, and no forgotten device is ever notified."""
+    with faults.Rig(tmp_path, SCALE, snapshot=True) as rig:
+        rig.start(connect=False)  # nobody takes the messages: they stay queued
+        radius = SCALE.stages()[0][0]
+        rig.create("forget-outage", [(radius, 600)])
+        faults.wait_until(lambda: rig.engine.get("forget-outage").stages[0].swept, what="the sweep")
+        must, _ = rig.devices.within(radius, 1)
+        forgotten = must[::3]
+        reporter = rig.engine.channel("dev-reporter-1")
+
+        rig.redis.kill()
+        with pytest.raises(grpc.RpcError) as refused:
+            client.forget(reporter, 1, forgotten)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "in the snapshot" in refused.value.details()
+        kept = pa.ipc.open_file(str(rig.snapshot)).read_all().column("device_id").to_numpy()
+        assert not np.isin(forgotten, kept).any(), "the snapshot still holds them"
+        faults.connect_all(rig.gateways, rig.engine)
+        time.sleep(0.5)
+        sent = rig.gateways[1].ids("forget-outage")
+        assert not np.isin(forgotten, sent).any(), "a message holding them was sent"
+
+        rig.redis.start()
+        faults.wait_until(
+            lambda: rig.engine.health() == faults.SERVING, what="Redis reachable again"
+        )
+        client.forget(reporter, 1, forgotten)
+        faults.wait_until(
+            lambda: faults.all_acked(rig.engine.get("forget-outage")), what="delivery"
+        )
+        got = rig.gateways[1].ids("forget-outage")
+        assert not np.isin(forgotten, got).any(), "a forgotten device was notified"
+        assert np.isin(np.setdiff1d(must, forgotten), got).all(), "the others all came"
