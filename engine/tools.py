@@ -360,7 +360,9 @@ def _movement(args: argparse.Namespace) -> tuning.Movement | None:
 def tune(args: argparse.Namespace) -> int:
     """Measures (or, with --target, tunes) a schedule on a population."""
     centre = None if args.center is None else _point(args.center, "--center")
-    schedule = schedules.named(args.schedule)
+    names = args.schedule or ["local"]
+    compared = [schedules.named(name) for name in names]
+    schedule = compared[0]
     goals = _goals(args)
     movement = _movement(args)
     if args.samples < 1:
@@ -377,6 +379,13 @@ def tune(args: argparse.Namespace) -> int:
     plots = None if args.plot is None else _plot_dir(args.plot)
     if (args.server is None) == (args.population is None):
         raise ToolError("give either --population FILE or --server HOST:PORT")
+    several = len(compared) > 1
+    if several and (goals is not None or movement is not None or plots is not None or args.server):
+        raise ToolError(
+            f"{len(compared)} --schedule given: schedules are compared on --population, "
+            "around --center or sampled centres; --target, --movement, --plot and --server "
+            "take one"
+        )
     if args.server is not None:
         if centre is None or goals is not None or movement is not None or plots is not None:
             raise ToolError(
@@ -392,19 +401,23 @@ def tune(args: argparse.Namespace) -> int:
         _status(
             f"sorted {len(people):,} devices into cells in {time.perf_counter() - started:.1f} s"
         )
-    heading = (
-        f"population {people.path}: {len(people):,} devices on {counter.gateways.size} "
-        f"gateway(s)\nschedule {schedule.name or args.schedule}: {schedule.describe()} "
-        f"({duration_text(schedule.duration_s)} in all)"
+    population_line = (
+        f"population {people.path}: {len(people):,} devices on {counter.gateways.size} gateway(s)"
     )
+    heading = f"{population_line}\n{_schedule_line(schedule, names[0])}"
     document = {
         "population": {
             "path": people.path,
             "devices": len(people),
             "gateways": [int(g) for g in counter.gateways],
         },
-        "schedule": _schedule_json(schedule),
     }
+    if several:
+        status = _compare(args, people, counter, compared, names, centre, population_line, document)
+        if args.json:
+            _write_json(args.json, document)
+        return status
+    document["schedule"] = _schedule_json(schedule)
     if goals is not None:
         status = _tune_target(args, people, counter, schedule, goals, centre, heading, document)
     elif centre is not None:
@@ -420,6 +433,56 @@ def tune(args: argparse.Namespace) -> int:
     if plots is not None:
         _plot(plots, people, counter, schedule, document, drawn)
     return status
+
+
+def _schedule_line(schedule: Schedule, name: str) -> str:
+    return (
+        f"schedule {schedule.name or name}: {schedule.describe()} "
+        f"({duration_text(schedule.duration_s)} in all)"
+    )
+
+
+def _compare(args, people, counter, compared, names, centre, population_line, document) -> int:
+    """Several schedules side by side, counted in one pass: around --center, or over
+    sampled centres (the same centres for each)."""
+    print(population_line)
+    started = time.perf_counter()
+    document["schedules"] = []
+    if centre is not None:
+        reaches = tuning.reach_one_each(counter, *centre, compared)
+        seconds = time.perf_counter() - started
+        print(f"alert centre {centre[0]:.5f},{centre[1]:.5f}")
+        document["centre"] = {"lat": centre[0], "lng": centre[1]}
+        for schedule, name, stages in zip(compared, names, reaches, strict=True):
+            rows = _stage_rows(stages)
+            print(f"\n{_schedule_line(schedule, name)}")
+            _print_stage_rows(rows)
+            document["schedules"].append({"schedule": _schedule_json(schedule), "stages": rows})
+        _status(f"counted {len(compared)} schedules around the centre in {seconds:.3f} s")
+        return 0
+    centres = _sampled_centres(args, people)
+    edges, _ = tuning.shared_edges(compared, tuning.CLASS_RADIUS_M)
+    _check_counters(len(centres), counter.gateways.size, edges.size)
+    each = tuning.reach_sampled_each(
+        counter,
+        centres,
+        compared,
+        city_per_km2=args.city_density,
+        suburb_per_km2=args.suburb_density,
+        progress=_Progress("sampled centres"),
+    )
+    seconds = time.perf_counter() - started
+    _report_centres(each[0], args, document)
+    for schedule, name, sampled in zip(compared, names, each, strict=True):
+        print(f"\n{_schedule_line(schedule, name)}")
+        part = {"schedule": _schedule_json(schedule)}
+        _report_spreads(sampled, part)
+        document["schedules"].append(part)
+    _status(
+        f"counted {len(compared)} schedules over {len(centres):,} centres in one pass, "
+        f"{seconds:.2f} s"
+    )
+    return 0
 
 
 def _tune_server(args: argparse.Namespace, schedule: Schedule, centre) -> int:
@@ -456,7 +519,7 @@ def _tune_server(args: argparse.Namespace, schedule: Schedule, centre) -> int:
         for stage in response.stages
     ]
     print(f"engine {args.server}: {response.live_devices:,} live devices")
-    print(f"schedule {schedule.name or args.schedule}: {schedule.describe()}")
+    print(_schedule_line(schedule, (args.schedule or ["local"])[0]))
     print(f"alert centre {centre[0]:.5f},{centre[1]:.5f}")
     print(f"{'stage':>5} {'radius':>9} {'lasts':>7} {'new':>12} {'cumulative':>12}  per gateway")
     for number, row in enumerate(rows, start=1):
@@ -493,16 +556,7 @@ def _tune_one(args, people, counter, schedule, centre, movement, core, heading, 
     stages = tuning.reach_one(counter, *centre, schedule)
     _status(f"counted the centre in {time.perf_counter() - started:.3f} s")
     document["centre"] = {"lat": centre[0], "lng": centre[1]}
-    rows = [
-        {
-            "radius_m": s.radius_m,
-            "duration_s": s.duration_s,
-            "new_recipients": s.new,
-            "cumulative_recipients": s.cumulative,
-            "per_gateway": {str(g): v for g, v in s.per_gateway.items()},
-        }
-        for s in stages
-    ]
+    rows = _stage_rows(stages)
     print(heading)
     print(f"alert centre {centre[0]:.5f},{centre[1]:.5f}")
 
@@ -563,19 +617,7 @@ def _tune_one(args, people, counter, schedule, centre, movement, core, heading, 
             "cumulative_recipients": moving.reach_curve.tolist(),
         }
 
-    header = f"{'stage':>5}  {'radius':>8}  {'lasts':>6}  {'new':>11}  {'cumulative':>11}"
-    if moving is not None:
-        header += f"  {'at start':>11}  {'walked in':>10}"
-    print(header + "  new per gateway")
-    for number, row in enumerate(rows, start=1):
-        line = (
-            f"{number:>5}  {distance_text(row['radius_m']):>8}  "
-            f"{duration_text(row['duration_s']):>6}  "
-            f"{row['new_recipients']:>11,}  {row['cumulative_recipients']:>11,}"
-        )
-        if moving is not None:
-            line += f"  {row['swept_at_start']:>11,}  {row['walked_in']:>10,}"
-        print(line + "  " + _per_gateway_text(row["per_gateway"]))
+    _print_stage_rows(rows, moving is not None)
     if moving is not None:
         static = rows[-1]["static_cumulative_recipients"]
         extra = rows[-1]["cumulative_recipients"] - static
@@ -586,6 +628,35 @@ def _tune_one(args, people, counter, schedule, centre, movement, core, heading, 
     document["stages"] = rows
     document["_moving"] = moving  # for the plots only; removed before writing
     return 0
+
+
+def _stage_rows(stages: list[tuning.StageReach]) -> list[dict]:
+    return [
+        {
+            "radius_m": s.radius_m,
+            "duration_s": s.duration_s,
+            "new_recipients": s.new,
+            "cumulative_recipients": s.cumulative,
+            "per_gateway": {str(g): v for g, v in s.per_gateway.items()},
+        }
+        for s in stages
+    ]
+
+
+def _print_stage_rows(rows: list[dict], moving: bool = False) -> None:
+    header = f"{'stage':>5}  {'radius':>8}  {'lasts':>6}  {'new':>11}  {'cumulative':>11}"
+    if moving:
+        header += f"  {'at start':>11}  {'walked in':>10}"
+    print(header + "  new per gateway")
+    for number, row in enumerate(rows, start=1):
+        line = (
+            f"{number:>5}  {distance_text(row['radius_m']):>8}  "
+            f"{duration_text(row['duration_s']):>6}  "
+            f"{row['new_recipients']:>11,}  {row['cumulative_recipients']:>11,}"
+        )
+        if moving:
+            line += f"  {row['swept_at_start']:>11,}  {row['walked_in']:>10,}"
+        print(line + "  " + _per_gateway_text(row["per_gateway"]))
 
 
 def _sampled_centres(args, people) -> tuning.Centres:
@@ -644,6 +715,13 @@ def _print_spreads(title: str, stages: list[dict]) -> None:
 
 
 def _report_sampled(sampled: tuning.SampledReach, args, document: dict) -> None:
+    _report_centres(sampled, args, document)
+    _report_spreads(sampled, document)
+    document["_sampled"] = sampled
+
+
+def _report_centres(sampled: tuning.SampledReach, args, document: dict) -> None:
+    """What the sampled centres are: how many, where from, their density classes."""
     centres = sampled.centres
     city, suburb = sampled.thresholds
     tally = [int((sampled.classes == i).sum()) for i in range(len(tuning.CLASSES))]
@@ -658,6 +736,12 @@ def _report_sampled(sampled: tuning.SampledReach, args, document: dict) -> None:
         f"suburb at least {suburb:,.0f} ({args.suburb_density:,g}/km²): {tally[1]}, "
         f"countryside: {tally[2]}"
     )
+    document["centres"] = _centres_json(sampled, args)
+
+
+def _report_spreads(sampled: tuning.SampledReach, document: dict) -> None:
+    """The schedule's reach per stage over the centres: in all, per class, per gateway."""
+    centres = sampled.centres
     stages = sampled.stage_spreads()
     _print_spreads(f"\nall {len(centres):,} centres", stages)
     by_class = {}
@@ -673,10 +757,8 @@ def _report_sampled(sampled: tuning.SampledReach, args, document: dict) -> None:
         f"{g}: {_spread_text(spread)}" for g, spread in stages[0]["per_gateway"].items()
     )
     print(f"\nnew in stage 1 per gateway (p10 / p50 / p90): {gateway_line}")
-    document["centres"] = _centres_json(sampled, args)
     document["stages"] = stages
     document["by_class"] = by_class
-    document["_sampled"] = sampled
 
 
 def _tune_sampled(args, people, counter, schedule, heading, document) -> int:
@@ -987,8 +1069,9 @@ Exit status: 0 done, 1 --target goals cannot all be met, 2 an error in the input
     parser.add_argument(
         "--schedule",
         metavar="NAME|FILE",
-        default="local",
-        help="shipped schedule name or TOML file (local)",
+        action="append",
+        help="shipped schedule name or TOML file (local); repeat it to compare schedules "
+        "side by side, counted in one pass",
     )
     parser.add_argument("--center", metavar="LAT,LNG", help="one alert centre, in degrees")
     parser.add_argument(

@@ -511,15 +511,40 @@ class StageReach:
 def stage_edges(schedule: Schedule, *extra: float) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct radii of a schedule plus ``extra`` ones, and the index of each
     stage's radius among them."""
-    radii = [stage.radius_m for stage in schedule.stages]
-    edges = np.unique(np.array([*radii, *extra], dtype=np.float64))
-    return edges, np.searchsorted(edges, radii)
+    edges, (at,) = shared_edges([schedule], *extra)
+    return edges, at
+
+
+def shared_edges(
+    schedules: Sequence[Schedule], *extra: float
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Sorted distinct radii of several schedules plus ``extra`` ones, and for each
+    schedule the index of each of its stages' radii among them: one counting pass at
+    these edges answers every schedule."""
+    radii = [[stage.radius_m for stage in schedule.stages] for schedule in schedules]
+    edges = np.unique(np.array([r for own in radii for r in own] + list(extra), np.float64))
+    return edges, [np.searchsorted(edges, own) for own in radii]
 
 
 def reach_one(counter: RingCounter, lat: float, lng: float, schedule: Schedule) -> list[StageReach]:
     """New and cumulative recipients of each stage around one centre, per gateway."""
-    edges, at = stage_edges(schedule)
-    cum = counter.counts(lat, lng, edges)[0][:, at]  # (gateways, stages)
+    return reach_one_each(counter, lat, lng, [schedule])[0]
+
+
+def reach_one_each(
+    counter: RingCounter, lat: float, lng: float, schedules: Sequence[Schedule]
+) -> list[list[StageReach]]:
+    """:func:`reach_one` for several schedules, from one counting pass."""
+    edges, ats = shared_edges(schedules)
+    counts = counter.counts(lat, lng, edges)[0]
+    return [
+        _stages(counter, schedule, counts[:, at])
+        for schedule, at in zip(schedules, ats, strict=True)
+    ]
+
+
+def _stages(counter: RingCounter, schedule: Schedule, cum: np.ndarray) -> list[StageReach]:
+    """Per stage reach from the cumulative counts at its radii, (gateways, stages)."""
     stages = []
     previous = np.zeros(cum.shape[0], dtype=np.int64)
     for k, stage in enumerate(schedule.stages):
@@ -654,18 +679,41 @@ def reach_sampled(
 ) -> SampledReach:
     """The schedule's reach around every sampled centre, in one counting pass that also
     classifies the centres by density."""
-    edges, at = stage_edges(schedule, CLASS_RADIUS_M)
+    return reach_sampled_each(
+        counter,
+        centres,
+        [schedule],
+        city_per_km2=city_per_km2,
+        suburb_per_km2=suburb_per_km2,
+        progress=progress,
+    )[0]
+
+
+def reach_sampled_each(
+    counter: RingCounter,
+    centres: Centres,
+    schedules: Sequence[Schedule],
+    *,
+    city_per_km2: float,
+    suburb_per_km2: float,
+    progress: Progress | None = None,
+) -> list[SampledReach]:
+    """:func:`reach_sampled` for several schedules, from one counting pass."""
+    edges, ats = shared_edges(schedules, CLASS_RADIUS_M)
     counts = counter.counts(centres.lat, centres.lng, edges, progress=progress)
     within = counts[:, :, int(np.searchsorted(edges, CLASS_RADIUS_M))].sum(axis=1)
     classes, thresholds = classify(within, city_per_km2, suburb_per_km2)
-    return SampledReach(
-        schedule=schedule,
-        centres=centres,
-        gateways=counter.gateways,
-        cumulative=counts[:, :, at],
-        classes=classes,
-        thresholds=thresholds,
-    )
+    return [
+        SampledReach(
+            schedule=schedule,
+            centres=centres,
+            gateways=counter.gateways,
+            cumulative=counts[:, :, at],
+            classes=classes,
+            thresholds=thresholds,
+        )
+        for schedule, at in zip(schedules, ats, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------

@@ -445,6 +445,64 @@ def test_tune_one_centre_json_matches_the_oracle(capsys, tmp_path, metro, files,
         assert f"{row['new_recipients']:,}" in out.splitlines()[4 + k]
 
 
+WIDE = Schedule((Stage(2_000.0, 3_600), Stage(4_500.0, 7_200)), name="wide")
+
+
+def test_schedules_counted_together_match_each_counted_alone(metro, counter):
+    together = tuning.reach_one_each(counter, 39.91, 116.41, [LOCAL, WIDE])
+    assert together == [tuning.reach_one(counter, 39.91, 116.41, s) for s in (LOCAL, WIDE)]
+    expected = oracle_counts(metro, 39.91, 116.41, [2_000.0, 4_500.0])
+    assert [s.cumulative for s in together[1]] == [
+        sum(v[k] for v in expected.values()) for k in range(2)
+    ]
+    centres = tuning.sample_centres(metro["lat"], metro["lng"], 20, seed=2, share_box=0.1)
+    options = {"city_per_km2": 1_000.0, "suburb_per_km2": 100.0}
+    each = tuning.reach_sampled_each(counter, centres, [LOCAL, WIDE], **options)
+    for schedule, sampled in zip((LOCAL, WIDE), each, strict=True):
+        alone = tuning.reach_sampled(counter, centres, schedule, **options)
+        assert np.array_equal(sampled.cumulative, alone.cumulative)
+        assert np.array_equal(sampled.classes, alone.classes)
+
+
+def test_tune_compares_schedules_side_by_side(capsys, tmp_path, metro, files):
+    wide = tmp_path / "wide.toml"
+    wide.write_text(
+        'name = "wide"\n[[stage]]\nradius_km = 2\nduration_h = 1\n'
+        "[[stage]]\nradius_m = 4500\nduration_h = 2\n"
+    )
+    lat, lng = float(metro["lat"][7]), float(metro["lng"][7])
+    one, both = tmp_path / "one.json", tmp_path / "both.json"
+    centre = f"--center {lat!r},{lng!r}"
+    single = f"tune --population {files['parquet']} {centre} --schedule {wide} --json {one}"
+    assert run(capsys, single)[0] == 0
+    status, out, err = run(
+        capsys,
+        f"tune --population {files['parquet']} {centre} --schedule local --schedule {wide} "
+        f"--json {both}",
+    )
+    assert status == 0, err
+    document = json.loads(both.read_text())
+    assert [s["schedule"]["name"] for s in document["schedules"]] == ["local", "wide"]
+    assert document["schedules"][1]["stages"] == json.loads(one.read_text())["stages"]
+    assert "schedule local:" in out and "schedule wide:" in out
+
+    status, out, err = run(
+        capsys,
+        f"tune --population {files['parquet']} --samples 10 --schedule local --schedule "
+        f"{wide} --json {both}",
+    )
+    assert status == 0, err
+    document = json.loads(both.read_text())
+    assert document["centres"]["count"] == 10
+    assert [len(s["stages"]) for s in document["schedules"]] == [3, 2]
+
+    status, _, err = run(
+        capsys, f"tune --population {files['parquet']} {centre} --schedule local --schedule "
+        f"{wide} --movement",
+    )  # fmt: skip
+    assert status == 2 and "take one" in one_line_error(err)
+
+
 def test_tune_sampled_json_shape_and_percentiles(capsys, tmp_path, metro, files):
     out_json = tmp_path / "sampled.json"
     status, out, err = run(
