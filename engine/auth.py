@@ -8,7 +8,7 @@ from a credentials file in TOML::
     name = "police-hq"          # unique; appears in logs and the audit trail
     role = "issuer"
     token_sha256 = "9f86d0..."  # hex SHA-256 of the token, never the token itself
-    alerts_per_minute = 10      # issuers only (default 10)
+    alerts_per_minute = 10      # issuers only (default 10): new alerts in any 60 s
 
     [[credential]]
     name = "maps-reporter"
@@ -30,7 +30,8 @@ until :data:`METHOD_ROLES` names the roles that may call it: a door nobody liste
 locked.
 
 :class:`AuthInterceptor` is the gRPC side; :func:`current_caller` tells a handler who
-is calling. ``tuanyuan credentials new`` makes a token and its file entry
+is calling, and :func:`new_alert_quota` counts the alerts it creates against the issuer's
+``alerts_per_minute``. ``tuanyuan credentials new`` makes a token and its file entry
 (:mod:`engine.security_cli`).
 """
 
@@ -69,7 +70,7 @@ GATEWAY_ROLES = frozenset({REPORTER, GATEWAY})
 INSECURE_ROLE = "insecure-allow-all"
 
 MAX_GATEWAY = 65535
-#: CreateAlert calls an issuer may make in any 60 seconds unless its entry says otherwise.
+#: New alerts an issuer may create in any 60 seconds unless its entry says otherwise.
 DEFAULT_ALERTS_PER_MINUTE = 10
 MAX_ALERTS_PER_MINUTE = 10_000
 #: Bytes of randomness in a token: 256 bits.
@@ -102,7 +103,8 @@ OPEN_SERVICES = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
-#: Methods counted against an issuer's ``alerts_per_minute``.
+#: Methods whose handlers count the alerts they create against an issuer's
+#: ``alerts_per_minute`` (:func:`new_alert_quota`).
 RATE_LIMITED = frozenset({_ALERT + "CreateAlert"})
 #: Roles that may read the metrics endpoint.
 METRICS_ROLES = frozenset({OPERATOR, ISSUER})
@@ -122,6 +124,12 @@ class Forbidden(Exception):
     gRPC status code, as ``engine.alerts.AlertError.status`` does."""
 
     status = "PERMISSION_DENIED"
+
+
+class RateLimited(Forbidden):
+    """An issuer that created its ``alerts_per_minute`` already (RESOURCE_EXHAUSTED)."""
+
+    status = "RESOURCE_EXHAUSTED"
 
 
 # Tokens and their hashes.
@@ -155,7 +163,7 @@ class Credential:
     gateway: int | None
     #: Hex SHA-256 of the token (lowercase).
     token_sha256: str
-    #: CreateAlert calls allowed in any 60 seconds; issuers only, None for other roles.
+    #: New alerts allowed in any 60 seconds; issuers only, None for other roles.
     alerts_per_minute: int | None = None
 
     def __repr__(self) -> str:  # keep hashes out of logs and tracebacks
@@ -429,34 +437,116 @@ def check_gateway(caller: Caller, gateway_id: int, what: str) -> None:
 
 
 class RateLimits:
-    """Sliding-window limits on the calls in :data:`RATE_LIMITED`, per credential.
+    """Sliding-window limits on the alerts each credential creates.
 
-    A call is admitted when the credential made fewer than ``alerts_per_minute``
-    admitted calls in the last ``window_s`` seconds. Refused calls do not count. Times
-    come from ``clock`` (monotonic seconds by default; the engine's clock may be
-    simulated and must not stretch real limits). Memory is bounded: at most the limit's
-    worth of times per issuer.
+    An issuer may create an alert when fewer than its ``alerts_per_minute`` were counted
+    in the last ``window_s`` seconds. :meth:`take` counts one before it is created and
+    :meth:`give_back` uncounts it when nothing was created after all. Times come from
+    ``clock`` (monotonic seconds by default; the engine's clock may be simulated and
+    must not stretch real limits). Memory is bounded: at most the limit's worth of times
+    per issuer. Not thread-safe: the engine uses it on its event loop only.
     """
 
     def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.window_s = window_s
         self._clock = clock
-        self._calls: dict[str, collections.deque[float]] = {}
+        self._counted: dict[str, collections.deque[float]] = {}
 
-    def admit(self, credential: Credential) -> float:
-        """0.0 when the call is admitted (and counted); otherwise the seconds until a
-        call would be."""
-        limit = credential.alerts_per_minute
-        if limit is None:  # roles without a limit never reach a limited method
-            return 0.0
+    def _window(self, credential: Credential) -> tuple[collections.deque[float], float]:
         now = self._clock()
-        calls = self._calls.setdefault(credential.name, collections.deque())
-        while calls and calls[0] <= now - self.window_s:
-            calls.popleft()
-        if len(calls) >= limit:
-            return max(calls[0] + self.window_s - now, 0.001)
-        calls.append(now)
-        return 0.0
+        counted = self._counted.setdefault(credential.name, collections.deque())
+        while counted and counted[0] <= now - self.window_s:
+            counted.popleft()
+        return counted, now
+
+    def take(self, credential: Credential) -> tuple[float | None, float]:
+        """Counts one alert of ``credential`` if its limit allows one now: returns the time
+        it was counted at (for :meth:`give_back`) and 0.0; otherwise None and the seconds
+        until one would be allowed. A credential without a limit is never counted."""
+        limit = credential.alerts_per_minute
+        if limit is None:
+            return None, 0.0
+        counted, now = self._window(credential)
+        if len(counted) >= limit:
+            return None, max(counted[0] + self.window_s - now, 0.001)
+        counted.append(now)
+        return now, 0.0
+
+    def give_back(self, credential: Credential, counted_at: float) -> None:
+        """Uncounts the alert :meth:`take` counted at ``counted_at``."""
+        counted = self._counted.get(credential.name)
+        if counted is not None and counted_at in counted:
+            counted.remove(counted_at)
+
+
+class _Quota:
+    """The rate limit of one call to a method in :data:`RATE_LIMITED`."""
+
+    def __init__(self, limits, credential, method, peer, refused) -> None:
+        self.limits = limits
+        self.credential = credential
+        self.method = method
+        self.peer = peer
+        self.refused = refused
+
+
+#: Set by :class:`AuthInterceptor` for each admitted call to a method in RATE_LIMITED.
+_QUOTA: contextvars.ContextVar[_Quota | None] = contextvars.ContextVar(
+    "tuanyuan_quota", default=None
+)
+
+
+class AlertCount:
+    """One alert counted by :func:`new_alert_quota`; :meth:`keep` it once created."""
+
+    def __init__(self) -> None:
+        self.kept = False
+
+    def keep(self) -> None:
+        """The alert was created: it stays counted."""
+        self.kept = True
+
+
+@contextlib.contextmanager
+def new_alert_quota() -> Iterator[AlertCount]:
+    """Counts one new alert of the current caller against its ``alerts_per_minute``.
+
+    Raises :class:`RateLimited` (RESOURCE_EXHAUSTED, logged as a refusal) when the caller
+    created its limit's worth in the last minute; the message names the limit and when to
+    retry. Otherwise the block runs with the alert counted, and the count stays only if
+    the block calls :meth:`AlertCount.keep`: an idempotent repeat or a call that fails
+    gives it back. Counting and checking happen together, with no ``await`` between, so
+    concurrent calls on the event loop cannot exceed the limit. Calls without a limit
+    (insecure mode, roles without ``alerts_per_minute``) are not counted.
+    """
+    quota, count = _QUOTA.get(), AlertCount()
+    if quota is None:
+        yield count
+        return
+    counted_at, wait_s = quota.limits.take(quota.credential)
+    if wait_s:
+        credential = quota.credential
+        message = (
+            f"credential {credential.name} may create at most {credential.alerts_per_minute} "
+            f"new alerts a minute; retry in {math.ceil(wait_s)} s (repeating a request for an "
+            "alert already created is not counted)"
+        )
+        quota.refused(
+            Refusal(
+                method=quota.method,
+                peer=quota.peer,
+                actor=credential.name,
+                role=credential.role,
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED.name,
+                message=message,
+            )
+        )
+        raise RateLimited(message)
+    try:
+        yield count
+    finally:
+        if not count.kept and counted_at is not None:
+            quota.limits.give_back(quota.credential, counted_at)
 
 
 # The interceptor.
@@ -541,12 +631,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     Refusals are made inside the call, with its context: a missing, malformed or
     unknown token ends it with UNAUTHENTICATED, a role that may not call the method with
-    PERMISSION_DENIED, an issuer over its ``alerts_per_minute`` with
-    RESOURCE_EXHAUSTED. A refused call's request is never deserialized. An admitted
-    call's handler runs unchanged (same serializers), with :func:`current_caller` set.
+    PERMISSION_DENIED. A refused call's request is never deserialized. An admitted
+    call's handler runs unchanged (same serializers), with :func:`current_caller` set;
+    in a method of :data:`RATE_LIMITED` the handler counts the alerts it creates with
+    :func:`new_alert_quota`, which refuses an issuer over its ``alerts_per_minute`` with
+    RESOURCE_EXHAUSTED. Only alerts created count: not calls, repeats or failures.
 
-    ``on_refusal`` (optional) is called on the event loop with each :class:`Refusal`,
-    e.g. to write it to the audit trail; it must not block.
+    ``on_refusal`` (optional) is called on the event loop with each :class:`Refusal`
+    (those of :func:`new_alert_quota` too), e.g. to write it to the audit trail; it must
+    not block.
 
     ``insecure_allow_all=True`` admits every call without a token as a caller of role
     :data:`INSECURE_ROLE`, which also passes :func:`check_gateway`. It exists for unit
@@ -627,32 +720,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 code=code.name,
                 message=message,
             )
-            self._log.refused(refusal)
-            if self.on_refusal is not None:
-                self.on_refusal(refusal)
+            self._refused(refusal)
             await context.abort(code, message)
 
         return refuse
+
+    def _refused(self, refusal: Refusal) -> None:
+        self._log.refused(refusal)
+        if self.on_refusal is not None:
+            self.on_refusal(refusal)
 
     def _admit(self, method, credential):
         async def admit(context) -> None:
             if credential is None:  # insecure_allow_all
                 _CALLER.set(Caller("insecure", INSECURE_ROLE, None, context.peer()))
                 return
-            wait_s = self.limits.admit(credential) if method in RATE_LIMITED else 0.0
-            if wait_s:
-                message = (
-                    f"credential {credential.name} may make at most "
-                    f"{credential.alerts_per_minute} {method.rpartition('/')[2]} calls a "
-                    f"minute; retry in {math.ceil(wait_s)} s"
-                )
-                refuse = self._refuse(
-                    method, credential, grpc.StatusCode.RESOURCE_EXHAUSTED, message
-                )
-                await refuse(context)  # aborts the call
-            _CALLER.set(
-                Caller(credential.name, credential.role, credential.gateway, context.peer())
-            )
+            peer = context.peer()
+            _CALLER.set(Caller(credential.name, credential.role, credential.gateway, peer))
+            if method in RATE_LIMITED:
+                _QUOTA.set(_Quota(self.limits, credential, method, peer, self._refused))
 
         return admit
 

@@ -14,15 +14,20 @@ Schedules are TOML files::
     radius_km = 1       # or radius_m = 1000
     duration_h = 1      # or duration_min = 60, or duration_s = 3600
 
-The engine ships ``local`` and ``regional`` (:data:`SHIPPED`); operators add their own files.
+The engine ships ``local`` and ``regional`` (:data:`SHIPPED`); operators add their own
+files with ``tuanyuan serve --schedules DIR`` (:func:`load_folder`), under names of their
+own: a shipped schedule cannot be redefined.
 """
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+_LOG = logging.getLogger("engine.schedules")
 
 #: Most stages a schedule may have.
 MAX_STAGES = 16
@@ -181,6 +186,60 @@ def load(path: str | Path) -> Schedule:
     except OSError as error:
         raise ScheduleError(f"{path}: cannot read: {error.strerror}") from None
     return parse(text, source=str(path))
+
+
+def load_folder(folder: str | Path) -> dict[str, tuple[Path, Schedule]]:
+    """The operator schedules of a folder (its ``*.toml`` files), by name, with the file
+    each comes from; a file without ``name`` is named after the file (``night.toml``:
+    ``night``).
+
+    Raises :class:`ScheduleError` naming the path when the folder is missing or is not a
+    folder, when a file cannot be used, when a schedule takes the name of a shipped one
+    (:data:`SHIPPED`), and when two files give the same name. Logs the schedules found,
+    and a warning when the folder has none.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise ScheduleError(f"schedules folder {folder}: does not exist")
+    if not folder.is_dir():
+        raise ScheduleError(
+            f"schedules folder {folder}: is a file; give the folder that holds the *.toml files"
+        )
+    try:
+        paths = sorted(folder.glob("*.toml"))
+    except OSError as error:
+        raise ScheduleError(f"schedules folder {folder}: cannot read: {error.strerror}") from None
+    found: dict[str, tuple[Path, Schedule]] = {}
+    for path in paths:
+        schedule = load(path)
+        name = schedule.name or path.stem
+        named_as = (
+            f"names its schedule {name!r}"
+            if schedule.name
+            else f"has no name, so its schedule is named {name!r} after the file"
+        )
+        if name in SHIPPED:
+            raise ScheduleError(
+                f"{path}: {named_as}, the name of a schedule shipped with the engine "
+                f"({', '.join(sorted(SHIPPED))}); shipped schedules cannot be redefined: "
+                "give this one another name"
+            )
+        if name in found:
+            raise ScheduleError(
+                f"{path}: {named_as}, as {found[name][0]} does already; "
+                "every schedule needs its own name"
+            )
+        found[name] = (path, schedule)
+    if not found:
+        _LOG.warning(
+            "schedules folder %s has no *.toml files: only the shipped schedules (%s) are "
+            "available",
+            folder,
+            ", ".join(sorted(SHIPPED)),
+        )
+    for name, (path, schedule) in found.items():
+        _LOG.info("operator schedule %s from %s: %s", name, path, schedule.describe())
+    return found
 
 
 def _shipped() -> dict[str, Schedule]:

@@ -248,9 +248,8 @@ class EngineServer:
         )
         self.schedules: dict[str, Schedule] = dict(schedules.SHIPPED)
         if options.schedules_dir is not None:
-            for path in sorted(Path(options.schedules_dir).glob("*.toml")):
-                schedule = schedules.load(path)
-                self.schedules[schedule.name or path.stem] = schedule
+            for name, (_, schedule) in schedules.load_folder(options.schedules_dir).items():
+                self.schedules[name] = schedule
         if options.credentials is None and not options.allow_all_callers:
             raise ValueError("an engine needs credentials (or allow_all_callers for tests)")
         if options.credentials is None and options.metrics_listen:
@@ -541,7 +540,13 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
                         f"({duration_text(schedule.duration_s)} in all) would have ended, "
                         "and the alert would notify nobody"
                     )
-            alert, new = await self.dispatcher.create(request, schedule, centres, start, _actor())
+            # Counts against the issuer's alerts_per_minute only if the alert is created.
+            with auth.new_alert_quota() as count:  # or RESOURCE_EXHAUSTED
+                alert, new = await self.dispatcher.create(
+                    request, schedule, centres, start, _actor()
+                )
+                if new:
+                    count.keep()
             if new:
                 self.dispatcher.spawn(self.dispatcher.advance(alert))
                 # One turn of the loop: a due stage starts (its ring is published and its

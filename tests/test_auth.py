@@ -231,6 +231,11 @@ def _who() -> str:
 
 
 async def _create(request, context):
+    try:
+        with auth.new_alert_quota() as count:  # every call creates an alert here
+            count.keep()
+    except auth.RateLimited as error:  # as the engine's servicer answers it
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     return alert_pb2.Alert(alert_id=request.alert_id, schedule_name=_who())
 
 
@@ -570,20 +575,21 @@ def test_the_create_rate_is_limited_per_issuer():
     limits = RateLimits(clock=lambda: now[0])
     with AioServer(AuthInterceptor(Credentials([hq, other]), limits)) as running:
         channel = running.channel(hq_token)
-        _create_call(channel)
+        _create_call(channel, "a1")
         now[0] += 30
-        _create_call(channel)
-        code, details = _code(lambda: _create_call(channel))
+        _create_call(channel, "a2")
+        code, details = _code(lambda: _create_call(channel, "a3"))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == (
-            "credential hq may make at most 2 CreateAlert calls a minute; retry in 30 s"
+            "credential hq may create at most 2 new alerts a minute; retry in 30 s "
+            "(repeating a request for an alert already created is not counted)"
         )
-        _create_call(running.channel(other_token))  # each issuer has its own window
+        _create_call(running.channel(other_token), "b1")  # each issuer has its own window
         get = alert_pb2_grpc.AlertServiceStub(channel).GetAlert
         get(alert_pb2.GetAlertRequest(alert_id="a"), timeout=10)  # reads are not limited
-        now[0] += 30.5  # the first call left the window; the refused one never counted
-        _create_call(channel)
-        code, _ = _code(lambda: _create_call(channel))
+        now[0] += 30.5  # the first alert left the window; the refused one never counted
+        _create_call(channel, "a3")
+        code, _ = _code(lambda: _create_call(channel, "a4"))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
