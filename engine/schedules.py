@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -229,7 +229,8 @@ def load_folder(folder: str | Path) -> dict[str, tuple[Path, Schedule]]:
                 f"{path}: {named_as}, as {found[name][0]} does already; "
                 "every schedule needs its own name"
             )
-        found[name] = (path, schedule)
+        # Alerts report the schedule by the name they were created with.
+        found[name] = (path, replace(schedule, name=name))
     if not found:
         _LOG.warning(
             "schedules folder %s has no *.toml files: only the shipped schedules (%s) are "

@@ -148,12 +148,13 @@ def test_serve_stops_at_start_with_one_line(capsys, tmp_path, make, expected):
 
 def test_an_operator_schedule_is_served_next_to_the_shipped_ones(tmp_path):
     (tmp_path / "night.toml").write_text(NIGHT)
+    (tmp_path / "dusk.toml").write_text(schedule_file(None))
     credentials, tokens = auth.dev_credentials(gateways=())
     options = ServerOptions(
         clock=ManualClock(1_800_000_000.0), credentials=credentials, schedules_dir=tmp_path
     )
     with ServerThread(options) as server:
-        assert sorted(server.engine.schedules) == ["local", "night", "regional"]
+        assert sorted(server.engine.schedules) == ["dusk", "local", "night", "regional"]
         assert server.engine.schedules["local"] is schedules.SHIPPED["local"]
         alerts = client.alert_stub(
             client.connect(f"127.0.0.1:{server.port}", token=tokens["dev-issuer"])
@@ -161,6 +162,9 @@ def test_an_operator_schedule_is_served_next_to_the_shipped_ones(tmp_path):
         alert = alerts.CreateAlert(create_request("n1", [BEIJING], "night"), timeout=10)
         assert alert.schedule_name == "night"
         assert [(s.radius_m, s.duration_s) for s in alert.stages] == [(2000.0, 5400)]
+        # A file without a name: its alerts report the file's name.
+        alert = alerts.CreateAlert(create_request("n3", [BEIJING], "dusk"), timeout=10)
+        assert alert.schedule_name == "dusk"
         with pytest.raises(grpc.RpcError) as raised:
             alerts.CreateAlert(create_request("n2", [BEIJING], "nope"), timeout=10)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class AlertServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Publishing and following alerts. The issuer may call every rpc; an operator
+    GetAlert, ListAlerts, WatchAlert and PreviewAlert.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +74,9 @@ class AlertServiceStub:
 
 
 class AlertServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Publishing and following alerts. The issuer may call every rpc; an operator
+    GetAlert, ListAlerts, WatchAlert and PreviewAlert.
+    """
 
     def CreateAlert(self, request, context):
         """Publishes an alert. Idempotent on alert_id: repeating a call with the same content
@@ -182,7 +186,9 @@ def add_AlertServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AlertService:
-    """Missing associated documentation comment in .proto file."""
+    """Publishing and following alerts. The issuer may call every rpc; an operator
+    GetAlert, ListAlerts, WatchAlert and PreviewAlert.
+    """
 
     @staticmethod
     def CreateAlert(request,

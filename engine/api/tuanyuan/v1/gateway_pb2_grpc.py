@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class GatewayServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """For push gateways (the gateway role), each for its own queue only.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,7 +43,8 @@ class GatewayServiceStub:
 
 
 class GatewayServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """For push gateways (the gateway role), each for its own queue only.
+    """
 
     def Subscribe(self, request_iterator, context):
         """Delivery to one gateway. Bidirectional because delivery and acknowledgement run
@@ -81,7 +83,8 @@ def add_GatewayServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GatewayService:
-    """Missing associated documentation comment in .proto file."""
+    """For push gateways (the gateway role), each for its own queue only.
+    """
 
     @staticmethod
     def Subscribe(request_iterator,

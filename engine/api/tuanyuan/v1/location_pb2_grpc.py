@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class LocationServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """For partner apps (the reporter role), each for its own gateway's devices only.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class LocationServiceStub:
 
 
 class LocationServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """For partner apps (the reporter role), each for its own gateway's devices only.
+    """
 
     def ReportLocations(self, request_iterator, context):
         """A continuous feed of location reports. Client-streaming so that a partner app
@@ -95,7 +97,8 @@ def add_LocationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class LocationService:
-    """Missing associated documentation comment in .proto file."""
+    """For partner apps (the reporter role), each for its own gateway's devices only.
+    """
 
     @staticmethod
     def ReportLocations(request_iterator,
