@@ -460,18 +460,7 @@ def _compare(args, people, counter, compared, names, centre, population_line, do
             document["schedules"].append({"schedule": _schedule_json(schedule), "stages": rows})
         _status(f"counted {len(compared)} schedules around the centre in {seconds:.3f} s")
         return 0
-    centres = _sampled_centres(args, people)
-    edges, _ = tuning.shared_edges(compared, tuning.CLASS_RADIUS_M)
-    _check_counters(len(centres), counter.gateways.size, edges.size)
-    each = tuning.reach_sampled_each(
-        counter,
-        centres,
-        compared,
-        city_per_km2=args.city_density,
-        suburb_per_km2=args.suburb_density,
-        progress=_Progress("sampled centres"),
-    )
-    seconds = time.perf_counter() - started
+    each, seconds = _count_sampled(args, people, counter, compared)
     _report_centres(each[0], args, document)
     for schedule, name, sampled in zip(compared, names, each, strict=True):
         print(f"\n{_schedule_line(schedule, name)}")
@@ -479,7 +468,7 @@ def _compare(args, people, counter, compared, names, centre, population_line, do
         _report_spreads(sampled, part)
         document["schedules"].append(part)
     _status(
-        f"counted {len(compared)} schedules over {len(centres):,} centres in one pass, "
+        f"counted {len(compared)} schedules over {len(each[0].centres):,} centres in one pass, "
         f"{seconds:.2f} s"
     )
     return 0
@@ -659,6 +648,24 @@ def _print_stage_rows(rows: list[dict], moving: bool = False) -> None:
         print(line + "  " + _per_gateway_text(row["per_gateway"]))
 
 
+def _count_sampled(args, people, counter, compared) -> tuple[list[tuning.SampledReach], float]:
+    """Each schedule's reach over the --samples centres, from one counting pass, and the
+    seconds it took."""
+    centres = _sampled_centres(args, people)
+    edges, _ = tuning.shared_edges(compared, tuning.CLASS_RADIUS_M)
+    _check_counters(len(centres), counter.gateways.size, edges.size)
+    started = time.perf_counter()
+    each = tuning.reach_sampled_each(
+        counter,
+        centres,
+        compared,
+        city_per_km2=args.city_density,
+        suburb_per_km2=args.suburb_density,
+        progress=_Progress("sampled centres"),
+    )
+    return each, time.perf_counter() - started
+
+
 def _sampled_centres(args, people) -> tuning.Centres:
     return tuning.sample_centres(people.lat, people.lng, args.samples, args.seed, args.box_share)
 
@@ -764,22 +771,10 @@ def _report_spreads(sampled: tuning.SampledReach, document: dict) -> None:
 def _tune_sampled(args, people, counter, schedule, heading, document) -> int:
     """Sampled centres: per stage p10/p50/p90 of new and cumulative recipients, in all
     and per density class."""
-    centres = _sampled_centres(args, people)
-    edges, _ = tuning.stage_edges(schedule, tuning.CLASS_RADIUS_M)
-    _check_counters(len(centres), counter.gateways.size, edges.size)
-    started = time.perf_counter()
-    sampled = tuning.reach_sampled(
-        counter,
-        centres,
-        schedule,
-        city_per_km2=args.city_density,
-        suburb_per_km2=args.suburb_density,
-        progress=_Progress("sampled centres"),
-    )
-    seconds = time.perf_counter() - started
+    (sampled,), seconds = _count_sampled(args, people, counter, [schedule])
     print(heading)
     _report_sampled(sampled, args, document)
-    _status(f"counted {len(centres):,} centres in {seconds:.2f} s")
+    _status(f"counted {len(sampled.centres):,} centres in {seconds:.2f} s")
     return 0
 
 
@@ -805,16 +800,8 @@ def _tune_target(args, people, counter, schedule, goals, centre, heading, docume
     tuned = tuning.proposed_schedule(schedule, proposals)
 
     # The tuned schedule's reach, from the same counts: its radii are among the candidates.
-    within = counts[:, :, int(np.searchsorted(radii, tuning.CLASS_RADIUS_M))].sum(axis=1)
-    classes, thresholds = tuning.classify(within, args.city_density, args.suburb_density)
-    at = np.searchsorted(radii, [p.radius_m for p in proposals])
-    sampled = tuning.SampledReach(
-        schedule=tuned,
-        centres=centres,
-        gateways=counter.gateways,
-        cumulative=counts[:, :, at],
-        classes=classes,
-        thresholds=thresholds,
+    (sampled,) = tuning.sampled_reach_from(
+        counts, radii, counter, centres, [tuned], args.city_density, args.suburb_density
     )
 
     print(heading)

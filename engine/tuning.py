@@ -699,8 +699,24 @@ def reach_sampled_each(
     progress: Progress | None = None,
 ) -> list[SampledReach]:
     """:func:`reach_sampled` for several schedules, from one counting pass."""
-    edges, ats = shared_edges(schedules, CLASS_RADIUS_M)
+    edges, _ = shared_edges(schedules, CLASS_RADIUS_M)
     counts = counter.counts(centres.lat, centres.lng, edges, progress=progress)
+    return sampled_reach_from(
+        counts, edges, counter, centres, schedules, city_per_km2, suburb_per_km2
+    )
+
+
+def sampled_reach_from(
+    counts: np.ndarray,
+    edges: np.ndarray,
+    counter: RingCounter,
+    centres: Centres,
+    schedules: Sequence[Schedule],
+    city_per_km2: float,
+    suburb_per_km2: float,
+) -> list[SampledReach]:
+    """Each schedule's reach from counts made at ``edges`` (which hold every stage's
+    radius and :data:`CLASS_RADIUS_M`), the centres classified by density."""
     within = counts[:, :, int(np.searchsorted(edges, CLASS_RADIUS_M))].sum(axis=1)
     classes, thresholds = classify(within, city_per_km2, suburb_per_km2)
     return [
@@ -708,11 +724,11 @@ def reach_sampled_each(
             schedule=schedule,
             centres=centres,
             gateways=counter.gateways,
-            cumulative=counts[:, :, at],
+            cumulative=counts[:, :, np.searchsorted(edges, [s.radius_m for s in schedule.stages])],
             classes=classes,
             thresholds=thresholds,
         )
-        for schedule, at in zip(schedules, ats, strict=True)
+        for schedule in schedules
     ]
 
 

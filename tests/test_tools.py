@@ -475,24 +475,23 @@ def test_tune_compares_schedules_side_by_side(capsys, tmp_path, metro, files):
     centre = f"--center {lat!r},{lng!r}"
     single = f"tune --population {files['parquet']} {centre} --schedule {wide} --json {one}"
     assert run(capsys, single)[0] == 0
-    status, out, err = run(
-        capsys,
-        f"tune --population {files['parquet']} {centre} --schedule local --schedule {wide} "
-        f"--json {both}",
-    )
-    assert status == 0, err
-    document = json.loads(both.read_text())
+
+    def compare(where: str) -> tuple[dict, str]:
+        status, out, err = run(
+            capsys,
+            f"tune --population {files['parquet']} {where} --schedule local --schedule {wide}",
+            "--json",
+            both,
+        )
+        assert status == 0, err
+        return json.loads(both.read_text()), out
+
+    document, out = compare(centre)
     assert [s["schedule"]["name"] for s in document["schedules"]] == ["local", "wide"]
     assert document["schedules"][1]["stages"] == json.loads(one.read_text())["stages"]
     assert "schedule local:" in out and "schedule wide:" in out
 
-    status, out, err = run(
-        capsys,
-        f"tune --population {files['parquet']} --samples 10 --schedule local --schedule "
-        f"{wide} --json {both}",
-    )
-    assert status == 0, err
-    document = json.loads(both.read_text())
+    document, _ = compare("--samples 10")
     assert document["centres"]["count"] == 10
     assert [len(s["stages"]) for s in document["schedules"]] == [3, 2]
 
