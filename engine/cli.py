@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +34,8 @@ _RESOLUTION = {
     "false-report": alert_pb2.RESOLUTION_FALSE_REPORT,
 }
 _SEX = {"female": alert_pb2.SEX_FEMALE, "male": alert_pb2.SEX_MALE}
+#: Fastest --clock-speed, as engine.clock.ScaledClock accepts it.
+MAX_CLOCK_SPEED = 1e6
 
 
 class UsageError(Exception):
@@ -47,6 +51,7 @@ def serve(args: argparse.Namespace) -> int:
     from engine.server import ServerOptions
     from engine.server import serve as run_server
 
+    _check_serve_flags(args)
     try:
         security = security_cli.server_security(args, dev=args.dev)
     except ValueError as error:
@@ -61,8 +66,7 @@ def serve(args: argparse.Namespace) -> int:
             "reporter and gateway are in %s",
             security.dev_tokens,
         )
-    if not 1 <= args.batch_devices <= 65536:
-        raise UsageError(f"--batch-devices must be 1 to 65536, got {args.batch_devices}")
+        print(security_cli.dev_credentials_text(security), file=sys.stderr, flush=True)
     clock = Clock() if args.clock_speed == 1 else ScaledClock(args.clock_speed)
     options = ServerOptions(
         listen=args.listen,
@@ -89,6 +93,22 @@ def serve(args: argparse.Namespace) -> int:
         print(f"tuanyuan: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_serve_flags(args: argparse.Namespace) -> None:
+    """Refuses flag values the engine cannot run with, before anything is written."""
+    if not 0 < args.clock_speed <= MAX_CLOCK_SPEED:  # also refuses nan
+        raise UsageError(
+            f"--clock-speed must be above 0 and at most {MAX_CLOCK_SPEED:.0f} simulated seconds "
+            f"per real second, got {args.clock_speed:g}"
+        )
+    if not 0 <= args.purge_after < math.inf:
+        raise UsageError(
+            "--purge-after must be 0 or more seconds (0 deletes the lists as soon as an alert "
+            f"closes), got {args.purge_after:g}"
+        )
+    if not 1 <= args.batch_devices <= 65536:
+        raise UsageError(f"--batch-devices must be 1 to 65536, got {args.batch_devices}")
 
 
 # tuanyuan alert ...
@@ -137,33 +157,87 @@ def _set_schedule(request, value: str | None) -> None:
         request.schedule_name = value
 
 
-def _payload(args: argparse.Namespace) -> alert_pb2.AlertPayload | None:
-    """The payload from --payload (JSON of AlertPayload) and/or the single-language flags."""
+#: Flags of the texts in one language (argparse destinations), with the field each sets.
+_TEXT_FLAGS = {
+    "name": "name",
+    "description": "description",
+    "last_seen_place": "last_seen_place",
+    "suspect": "suspect_description",
+    "contact": "contact",
+}
+#: Every flag of a payload (argparse destinations) but --language.
+_PAYLOAD_FLAGS = (*_TEXT_FLAGS, "payload", "age", "sex", "height_cm", "photo", "last_seen_at")
+
+
+def _payload_given(args: argparse.Namespace) -> bool:
+    """Whether any payload flag is on the command line."""
+    return any(getattr(args, name) is not None for name in _PAYLOAD_FLAGS)
+
+
+def _check_payload_numbers(args: argparse.Namespace) -> None:
+    """--age and --height-cm within the ranges the engine accepts, checked before any call."""
+    if args.age is None and args.height_cm is None:
+        return
+    # Imported here: the engine's module is slow to load and only its limits are needed.
+    from engine.server import MAX_AGE_YEARS, MAX_HEIGHT_CM
+
+    for flag, value, high, unit in (
+        ("--age", args.age, MAX_AGE_YEARS, "whole years"),
+        ("--height-cm", args.height_cm, MAX_HEIGHT_CM, "centimetres (0: unknown)"),
+    ):
+        if value is not None and not 0 <= value <= high:
+            raise UsageError(f"{flag} must be 0 to {high} {unit}, got {value}")
+
+
+def _payload(
+    args: argparse.Namespace, current: alert_pb2.AlertPayload | None = None
+) -> alert_pb2.AlertPayload | None:
+    """The payload the flags describe; None when no payload flag is given.
+
+    It starts from --payload FILE (JSON of an AlertPayload), else from ``current`` (the
+    alert's payload, for update), else empty. The text flags then set their fields in the
+    text of --language, which is added when there is none in that language (it needs
+    --name); --age, --sex, --height-cm, --photo and --last-seen-at replace their fields.
+    Everything else is kept as it was.
+    """
+    if not _payload_given(args):
+        return None
     payload = alert_pb2.AlertPayload()
     if args.payload:
         try:
             json_format.Parse(Path(args.payload).read_text(encoding="utf-8"), payload)
         except (OSError, json_format.ParseError) as error:
             raise UsageError(f"--payload {args.payload}: {error}") from None
-    if args.name:
-        payload.texts.add(
-            language=args.language,
-            name=args.name,
-            description=args.description or "",
-            last_seen_place=args.last_seen_place or "",
-            suspect_description=args.suspect or "",
-            contact=args.contact or "",
-        )
+    elif current is not None:
+        payload.CopyFrom(current)
+    given = {
+        field: getattr(args, flag)
+        for flag, field in _TEXT_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    if given:
+        text = next((t for t in payload.texts if t.language == args.language), None)
+        if text is None:
+            if not given.get("name"):
+                raise UsageError(
+                    f"--language {args.language}: the payload has no text in this language "
+                    "yet; give --name to add one"
+                )
+            text = payload.texts.add(language=args.language)
+        for field, value in given.items():
+            setattr(text, field, value)
     if args.age is not None:
         payload.age_years = args.age
     if args.sex:
         payload.sex = _SEX[args.sex]
     if args.height_cm is not None:
         payload.height_cm = args.height_cm
-    payload.photo_urls.extend(args.photo or [])
+    if args.photo is not None:
+        del payload.photo_urls[:]
+        payload.photo_urls.extend(args.photo)
     if args.last_seen_at:
         payload.last_seen_at.CopyFrom(_time(args.last_seen_at, "--last-seen-at"))
-    return payload if payload.ByteSize() else None
+    return payload
 
 
 def _when(stamp) -> str:
@@ -235,6 +309,7 @@ def alert_command(args: argparse.Namespace) -> int:
                 alert_id=args.id, centres=[_centre(c) for c in args.centre]
             )
             _set_schedule(request, args.schedule)
+            _check_payload_numbers(args)
             payload = _payload(args)
             if payload is not None:
                 request.payload.CopyFrom(payload)
@@ -247,11 +322,28 @@ def alert_command(args: argparse.Namespace) -> int:
             if args.centre:
                 request.centres.centres.extend(_centre(c) for c in args.centre)
             _set_schedule(request, args.schedule)
-            payload = _payload(args)
+            _check_payload_numbers(args)
+            read = None
+            if _payload_given(args) and not args.payload:
+                # The engine replaces a payload whole: start from the alert's own.
+                get = alert_pb2.GetAlertRequest(alert_id=args.id)
+                read = stub.GetAlert(get, timeout=args.timeout)
+            payload = _payload(args, read.payload if read is not None else None)
             if payload is not None:
                 request.payload.CopyFrom(payload)
             alert = stub.UpdateAlert(request, timeout=args.timeout)
             _show(alert, args, format_alert(alert))
+            if read is not None and alert.version != read.version + 1:
+                # UpdateAlertRequest has no expected version: another change between the
+                # read and this update is only seen afterwards, and its payload lost.
+                print(
+                    f"tuanyuan: alert {args.id} changed between reading it (version "
+                    f"{read.version}) and this update (now version {alert.version}); the "
+                    f"payload sent was built from version {read.version}: check it with "
+                    f"`tuanyuan alert get --id {args.id}`",
+                    file=sys.stderr,
+                )
+                return 1
         elif action == "resolve":
             request = alert_pb2.ResolveAlertRequest(
                 alert_id=args.id, resolution=_RESOLUTION[args.reason]
@@ -317,20 +409,39 @@ def _add_alert_commands(commands) -> None:
         security_cli.add_client_flags(parser)
         parser.set_defaults(handler=alert_command)
 
-    def payload_flags(parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("payload (what the apps show)")
-        group.add_argument("--payload", help="JSON file of an AlertPayload (several languages)")
-        group.add_argument("--language", default="zh-Hans", help="language of the texts (zh-Hans)")
+    def payload_flags(parser: argparse.ArgumentParser, description: str) -> None:
+        group = parser.add_argument_group("payload (what the apps show)", description)
+        group.add_argument(
+            "--payload",
+            metavar="FILE",
+            help="JSON file of a whole AlertPayload (several languages); the other payload "
+            "flags change what it holds",
+        )
+        group.add_argument(
+            "--language",
+            default="zh-Hans",
+            help="language of the text flags' text, added when the payload has none in it "
+            "(zh-Hans)",
+        )
         group.add_argument("--name", help="the child's name")
-        group.add_argument("--age", type=int, help="age in years")
+        group.add_argument("--age", type=int, help="age in whole years, 0 to 17")
         group.add_argument("--sex", choices=sorted(_SEX), help="sex")
-        group.add_argument("--height-cm", type=int, help="height in centimetres")
+        group.add_argument(
+            "--height-cm", type=int, help="height in centimetres, 0 (unknown) to 250"
+        )
         group.add_argument("--description", help="appearance and clothing")
         group.add_argument("--last-seen-place", help="where the child was last seen, in words")
-        group.add_argument("--last-seen-at", help="when, ISO 8601 (UTC unless an offset is given)")
+        group.add_argument(
+            "--last-seen-at",
+            help="when, ISO 8601 (UTC unless an offset is given) or +SECONDS from now",
+        )
         group.add_argument("--suspect", help="description of a suspect")
         group.add_argument("--contact", help="whom to call")
-        group.add_argument("--photo", action="append", help="https URL of a photo (repeatable)")
+        group.add_argument(
+            "--photo",
+            action="append",
+            help="https URL of a photo (repeatable); the URLs given replace all photos",
+        )
 
     schedule_help = "schedule name (local, regional or one the server has) or a TOML file"
     create = actions.add_parser("create", help="publish an alert")
@@ -342,17 +453,41 @@ def _add_alert_commands(commands) -> None:
         help="LAT,LNG[,LABEL] where the child was last seen (repeatable)",
     )
     create.add_argument("--schedule", default="local", help=schedule_help + " (local)")
-    create.add_argument("--start", help="start time, ISO 8601 or +SECONDS (default now)")
-    payload_flags(create)
+    create.add_argument(
+        "--start",
+        help="start time: ISO 8601 (UTC unless an offset is given) or +SECONDS (default: the "
+        "engine's now). +SECONDS counts from this machine's clock, not the engine's: for an "
+        "engine run with --clock-speed other than 1, give an ISO time on the engine's clock",
+    )
+    payload_flags(
+        create,
+        "The text flags (--name, --description, --last-seen-place, --suspect, --contact) "
+        "make the text in --language, or change it in the --payload file.",
+    )
     common(create)
 
-    update = actions.add_parser("update", help="new sighting, corrected payload or schedule")
+    update = actions.add_parser(
+        "update",
+        help="new sighting, corrected payload or schedule",
+        description="Changes centres, payload or schedule of a running or scheduled alert; "
+        "what no flag names stays as it is.",
+    )
     update.add_argument("--id", required=True, help="alert id")
     update.add_argument(
         "--centre", action="append", help="LAT,LNG[,LABEL]; replaces all centres (repeatable)"
     )
     update.add_argument("--schedule", help=schedule_help)
-    payload_flags(update)
+    payload_flags(
+        update,
+        "Without --payload, the alert's payload is read first (GetAlert) and only the "
+        "fields given change: the text flags (--name, --description, --last-seen-place, "
+        "--suspect, --contact; '' clears one) in the text of --language, added if the "
+        "alert has none in it (then --name is needed); --age, --sex, --height-cm, --photo "
+        "and --last-seen-at replace their fields. Every other field and language is kept. "
+        "--payload FILE replaces the whole payload with the file's. If the alert changed "
+        "between the read and the update, the update is made from what was read and the "
+        "command exits with status 1 naming both versions.",
+    )
     common(update)
 
     resolve = actions.add_parser("resolve", help="close an alert")
@@ -397,8 +532,8 @@ def _add_serve_command(commands) -> None:
     run.add_argument(
         "--dev",
         action="store_true",
-        help="without --credentials: generate credentials for local use, tokens written to "
-        "--dev-tokens",
+        help="without --credentials: generate credentials for local use, print each with "
+        "its token at start and write the tokens to --dev-tokens",
     )
     run.add_argument(
         "--redis",
@@ -426,8 +561,8 @@ def _add_serve_command(commands) -> None:
         "--purge-after",
         type=float,
         default=7 * 24 * 3600.0,
-        help="seconds after an alert closes that the lists of who it reached are deleted "
-        "(604800, a week)",
+        help="seconds of the engine's clock after an alert closes that the lists of who it "
+        "reached are deleted, 0 or more (604800, a week)",
     )
     run.add_argument(
         "--audit-log",
@@ -457,7 +592,8 @@ def _add_serve_command(commands) -> None:
         "--clock-speed",
         type=float,
         default=1.0,
-        help="simulated seconds per real second, for trials (1: real time)",
+        help="simulated seconds per real second, above 0 and at most 1e6, for trials "
+        "(1: real time); `alert create --start +SECONDS` still counts from the real clock",
     )
     run.add_argument("--schedules", type=Path, help="folder of operator schedules (*.toml)")
     run.add_argument("--port-file", type=Path, help="write the bound port to this file")
@@ -495,8 +631,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A word that starts like a negative number: "-33.87,151.21", "-.5,3", "-1".
+_NEGATIVE = re.compile(r"-\.?[0-9]")
+
+
+def _subcommand(parser: argparse.ArgumentParser, word: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:  # argparse has no public way to list them
+        if isinstance(action, argparse._SubParsersAction) and word in action.choices:
+            return action.choices[word]
+    return None
+
+
+def _takes_one_value(parser: argparse.ArgumentParser, word: str) -> bool:
+    """Whether ``word`` is a long flag of ``parser`` (or an abbreviation argparse would
+    accept) that takes one value."""
+    if not word.startswith("--") or "=" in word:
+        return False
+    flags = parser._option_string_actions
+    action = flags.get(word)
+    if action is None and parser.allow_abbrev:
+        matches = {a for name, a in flags.items() if name.startswith(word)}
+        action = matches.pop() if len(matches) == 1 else None
+    return action is not None and action.nargs in (None, "?")
+
+
+def attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with ``--flag -33.87,151.21`` written as ``--flag=-33.87,151.21``.
+
+    argparse takes a word starting with '-' for a flag unless it is a plain number, so a
+    coordinate pair with a negative latitude would leave ``--centre`` or ``--center``
+    without its value. No tuanyuan flag starts with '-' and a digit, so such a word
+    after a flag that takes one value is that value. Subcommands are followed as
+    argparse follows them; nothing after ``--`` changes.
+    """
+    out: list[str] = []
+    current = parser
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return out + argv[i:]
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if value is not None and _takes_one_value(current, word):
+            if _NEGATIVE.match(value):
+                out.append(f"{word}={value}")
+                i += 2
+                continue
+            if not value.startswith("-"):
+                # The flag's value: not a subcommand even if it is spelled like one.
+                out.extend((word, value))
+                i += 2
+                continue
+        current = _subcommand(current, word) or current
+        out.append(word)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(attach_negative_values(parser, words))
     try:
         return args.handler(args)
     except UsageError as error:

@@ -23,6 +23,7 @@ Parquet if it starts with Parquet's magic bytes, else as CSV.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,25 +237,71 @@ def _read_csv(path: str | Path, where: str) -> pa.Table:
     try:
         names = _csv_header(path)
     except (pa.ArrowException, OSError) as error:
-        raise PopulationError(f"{where}: not a readable CSV file: {_first_line(error)}") from None
+        raise _csv_problem(path, where, error) from None
     _require(names, where)
     try:
-        table = attempt(
-            {
-                "device_id": pa.uint64(),
-                "lat": pa.float64(),
-                "lng": pa.float64(),
-                "gateway": pa.int64(),
-            }
-        )
-    except pa.ArrowInvalid:
-        # A value that does not convert: read the columns as text, and let the column
-        # checks find and name the first bad row.
-        table = attempt({name: pa.string() for name in _TYPES})
+        try:
+            table = attempt(
+                {
+                    "device_id": pa.uint64(),
+                    "lat": pa.float64(),
+                    "lng": pa.float64(),
+                    "gateway": pa.int64(),
+                }
+            )
+        except pa.ArrowInvalid:
+            # A value that does not convert: read the columns as text, and let the column
+            # checks find and name the first bad row.
+            table = attempt({name: pa.string() for name in _TYPES})
     except (pa.ArrowException, OSError) as error:
-        raise PopulationError(f"{where}: not a readable CSV file: {_first_line(error)}") from None
+        raise _csv_problem(path, where, error) from None
     keep = [name for name in (*REQUIRED, "gateway") if name in names]
     return table.select(keep)
+
+
+def _csv_problem(path: str | Path, where: str, error: BaseException) -> PopulationError:
+    """The error for a CSV file that does not parse: naming the first row whose number
+    of values differs from the header's when there is one, else Arrow's reason."""
+    invalid: list = []
+
+    def first(row) -> str:
+        invalid.append(row)
+        return "error"
+
+    header: list[str] = []
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            start = stream.read(1 << 16)
+        line = start.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig", "replace")
+        header = next(csv.reader([line]), [])
+        # One thread, so that Arrow numbers the rows; every column as text, so that no
+        # value stops the read before the first bad row, which does.
+        with pa.input_stream(str(path), compression="detect") as source:
+            reader = pa_csv.open_csv(
+                source,
+                read_options=pa_csv.ReadOptions(use_threads=False),
+                parse_options=pa_csv.ParseOptions(invalid_row_handler=first),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types=dict.fromkeys(header, pa.string()), null_values=[""]
+                ),
+            )
+            for _ in reader:
+                pass
+    except (pa.ArrowException, OSError, csv.Error):
+        pass
+    if not invalid or invalid[0].number is None:
+        return PopulationError(f"{where}: not a readable CSV file: {_first_line(error)}")
+    row = invalid[0]
+    # Arrow counts the header as record 1 and skips empty lines, like the rows here.
+    message = (
+        f"{where}: row {row.number - 1}: {row.actual_columns} values, the header has "
+        f"{row.expected_columns}"
+    )
+    if row.actual_columns < row.expected_columns == len(header):
+        missing = ", ".join(header[row.actual_columns :])
+        message += f"; no value for {missing}"
+    text = row.text if len(row.text) <= 120 else row.text[:120] + "..."
+    return PopulationError(f"{message}: {text!r}")
 
 
 def _csv_header(path: str | Path) -> list[str]:

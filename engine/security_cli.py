@@ -20,7 +20,7 @@ import argparse
 import collections
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -250,14 +250,40 @@ class ServerSecurity:
     tls: tls.ServerTLS | None
     #: Where dev tokens were written; None with a credentials file.
     dev_tokens: Path | None
+    #: The dev tokens by credential name; empty with a credentials file.
+    dev_token_values: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def dev_credentials_text(security: ServerSecurity) -> str:
+    """What ``tuanyuan serve --dev`` prints at start: each generated credential's name,
+    role, gateway and token, labelled as development credentials. Empty with a credentials file."""
+    tokens = security.dev_token_values
+    if not tokens:
+        return ""
+    rows = [("name", "role", "gateway", "token")] + [
+        (c.name, c.role, "-" if c.gateway is None else str(c.gateway), tokens[c.name])
+        for c in security.credentials
+        if c.name in tokens
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [
+        "DEVELOPMENT CREDENTIALS (serve --dev): for a local engine only, new at every start; "
+        f"also in {security.dev_tokens}",
+        *(
+            f"  {name:<{widths[0]}}  {role:<{widths[1]}}  {gateway:<{widths[2]}}  {token}"
+            for name, role, gateway, token in rows
+        ),
+    ]
+    return "\n".join(lines)
 
 
 def server_security(args: argparse.Namespace, dev: bool, gateways=DEV_GATEWAYS) -> ServerSecurity:
     """The credentials and TLS files the flags of :func:`add_server_flags` name.
 
     Without ``--credentials``, ``dev`` must be true: fresh credentials are made for an
-    issuer, an operator and a reporter and a gateway of each of ``gateways``, and their
-    tokens written to ``--dev-tokens``. There is no way to run without credentials.
+    issuer, an operator and a reporter and a gateway of each of ``gateways``, their
+    tokens written to ``--dev-tokens`` and returned for :func:`dev_credentials_text`.
+    There is no way to run without credentials.
     Raises SecurityUsageError, CredentialsError or TLSError (all ValueErrors).
     """
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -280,7 +306,7 @@ def server_security(args: argparse.Namespace, dev: bool, gateways=DEV_GATEWAYS) 
     path = Path(args.dev_tokens)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     auth.write_dev_tokens(path, tokens)
-    return ServerSecurity(credentials, files, path)
+    return ServerSecurity(credentials, files, path, dict(tokens))
 
 
 # Flags of the client commands.
