@@ -68,6 +68,7 @@ CLEAN = frozenset(
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.ALREADY_EXISTS,
         grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.OUT_OF_RANGE,
         grpc.StatusCode.RESOURCE_EXHAUSTED,

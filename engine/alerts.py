@@ -94,6 +94,10 @@ class Unavailable(AlertError):
     status = "UNAVAILABLE"
 
 
+class Conflict(AlertError):
+    status = "ABORTED"
+
+
 @dataclass
 class GatewayTally:
     """Delivery of one stage to one gateway, in devices."""
@@ -459,6 +463,13 @@ class Dispatcher:
                 )
             if centres is None and payload is None and schedule is None:
                 raise AlertError("nothing to update: set centres, payload or a schedule")
+            expected = request.expected_version
+            if expected and expected != alert.version:
+                raise Conflict(
+                    f"alert {alert.alert_id!r} is at version {alert.version}, not "
+                    f"expected_version {expected}: it changed since it was read; read it "
+                    "again and rebuild the change"
+                )
             change = Change(self.journal)
             record = {
                 "action": "update",

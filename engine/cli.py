@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from engine import schedules, security_cli, tools
+from engine import logs, schedules, security_cli, tools
 from engine.api import alert_pb2
 from engine.schedules import distance_text
 
@@ -56,10 +56,7 @@ def serve(args: argparse.Namespace) -> int:
         security = security_cli.server_security(args, dev=args.dev)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     if security.dev_tokens is not None:
         logging.getLogger("engine.server").warning(
             "development credentials: tokens for the issuer, the operator and each gateway's "
@@ -331,19 +328,11 @@ def alert_command(args: argparse.Namespace) -> int:
             payload = _payload(args, read.payload if read is not None else None)
             if payload is not None:
                 request.payload.CopyFrom(payload)
+            if read is not None:
+                # A change made since the read is refused (ABORTED), not overwritten.
+                request.expected_version = read.version
             alert = stub.UpdateAlert(request, timeout=args.timeout)
             _show(alert, args, format_alert(alert))
-            if read is not None and alert.version != read.version + 1:
-                # UpdateAlertRequest has no expected version: another change between the
-                # read and this update is only seen afterwards, and its payload lost.
-                print(
-                    f"tuanyuan: alert {args.id} changed between reading it (version "
-                    f"{read.version}) and this update (now version {alert.version}); the "
-                    f"payload sent was built from version {read.version}: check it with "
-                    f"`tuanyuan alert get --id {args.id}`",
-                    file=sys.stderr,
-                )
-                return 1
         elif action == "resolve":
             request = alert_pb2.ResolveAlertRequest(
                 alert_id=args.id, resolution=_RESOLUTION[args.reason]
@@ -599,6 +588,13 @@ def _add_serve_command(commands) -> None:
     run.add_argument("--port-file", type=Path, help="write the bound port to this file")
     run.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning"], help="(info)"
+    )
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="text lines, or one JSON object a line with each event's figures as keys "
+        "(alert_id, event, stage, new_recipients, ...) for a log pipeline (text)",
     )
     security_cli.add_server_flags(run)
     run.set_defaults(handler=serve)

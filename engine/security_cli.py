@@ -4,7 +4,8 @@
   (on stderr) and the ``[[credential]]`` entry holding its hash (on stdout, so that
   ``>> credentials.toml`` appends just the entry).
 - ``credentials check FILE`` validates a credentials file.
-- ``audit verify --file F`` or ``--redis URL [--key K]`` checks an audit trail's chain:
+- ``audit verify --file F`` or ``--redis URL [--redis-prefix P | --key K]`` checks an
+  audit trail's chain:
   exit status 0 when intact, 1 naming the first bad entry otherwise.
 
 Operator mistakes (a bad flag, an unreadable file, an unreachable Redis) print one line
@@ -96,6 +97,7 @@ def audit_verify(args: argparse.Namespace) -> int:
     if args.redis:
         import redis
 
+        args.key = args.key or args.redis_prefix + "audit"
         connection = redis.Redis.from_url(args.redis)
         where = f"{args.redis} stream {args.key}"
         try:
@@ -212,9 +214,13 @@ def add_commands(commands) -> None:
     source.add_argument("--file", help="a trail in JSON lines")
     source.add_argument("--redis", help="a Redis URL, e.g. redis://127.0.0.1:6379/0")
     verify.add_argument(
-        "--key",
-        default=audit.DEFAULT_REDIS_KEY,
-        help=f"with --redis: the stream ({audit.DEFAULT_REDIS_KEY})",
+        "--redis-prefix",
+        default="tuanyuan:",
+        help="with --redis: the key prefix of the engine (serve --redis-prefix) whose trail "
+        "to check, in its stream PREFIXaudit (tuanyuan:)",
+    )
+    verify.add_argument(
+        "--key", help="with --redis: the stream itself, instead of --redis-prefix's"
     )
     verify.set_defaults(handler=audit_verify)
 

@@ -1035,7 +1035,6 @@ Counts, per stage of a ring schedule, the new and cumulative recipients in a pop
 inside).
 
   --center LAT,LNG   one alert centre: per stage and per gateway
-                     (negative values: --center=-33.87,151.21)
   (no --center)      --samples centres: most at random devices' positions, a share
                      (--box-share) at random points of the bounding box; per stage
                      p10/p50/p90, in all and per density class (devices within 1 km

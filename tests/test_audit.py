@@ -325,6 +325,12 @@ def test_verify_a_redis_stream_read_in_pages(redis_url, capsys, monkeypatch):
 
     assert _run(["audit", "verify", "--redis", redis_url, "--key", "nothing"]) == 2
     assert "no such stream" in capsys.readouterr().err
+    # An engine on another prefix keeps its trail under that prefix.
+    connection.copy(key, "other:audit")
+    assert _run(["audit", "verify", "--redis", redis_url, "--redis-prefix", "other:"]) == 0
+    assert "stream other:audit" in capsys.readouterr().out
+    assert _run(["audit", "verify", "--redis", redis_url, "--redis-prefix", "none:"]) == 2
+    assert "none:audit" in capsys.readouterr().err
     connection.close()
 
 

@@ -232,6 +232,21 @@ def test_a_bad_update_names_the_field(engine, case):
     unchanged(engine, lambda: engine.alerts.UpdateAlert(request), code, *words)
 
 
+def test_an_update_built_from_an_older_version_is_aborted(engine):
+    read = engine.get("open")
+    stale = _update(payload=payload(age_years=7), expected_version=read.version - 1)
+    unchanged(
+        engine,
+        lambda: engine.alerts.UpdateAlert(stale),
+        grpc.StatusCode.ABORTED,
+        f"version {read.version}",
+        f"expected_version {read.version - 1}",
+    )
+    current = _update(payload=payload(age_years=read.payload.age_years), expected_version=0)
+    current.expected_version = read.version
+    assert engine.alerts.UpdateAlert(current).version == read.version + 1
+
+
 def _resolve(alert_id="open", resolution=alert_pb2.RESOLUTION_FOUND, follow_up=()):
     return alert_pb2.ResolveAlertRequest(
         alert_id=alert_id,

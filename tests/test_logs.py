@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 
 import numpy as np
 from grpc_support import BEIJING, Engine, Population, create_request, wait_until
 
-from engine import logs
+from engine import auth, client, logs, server
 from engine.api import alert_pb2
 
 
@@ -51,3 +52,22 @@ def test_an_alerts_life_is_logged_event_by_event_with_counts(caplog):
     assert resolved[0]["withdrawn"] > 0
     assert resolved[0]["notified"] + resolved[0]["withdrawn"] == swept[0]["new_recipients"]
     assert events(gateway_id=1, event="subscribed") and events(gateway_id=1, event="unsubscribed")
+
+
+def test_serve_writes_json_lines_with_the_alerts_figures(tmp_path):
+    tokens_file, log = tmp_path / "tokens.json", tmp_path / "serve.log"
+    flags = ["--dev", "--listen", "127.0.0.1:0", "--dev-tokens", str(tokens_file)]
+    process, port = server.spawn([*flags, "--log-format", "json"], tmp_path / "port", log)
+    try:
+        token = auth.read_dev_tokens(tokens_file)["dev-issuer"]
+        alerts = client.alert_stub(client.connect(f"127.0.0.1:{port}", token=token))
+        alerts.CreateAlert(create_request("json-1", [BEIJING], "local"), timeout=30)
+        wait_until(lambda: '"event": "swept"' in log.read_text(), what="the sweep's line")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line[:1] == "{"]
+    assert any(e["message"].startswith("serving on") for e in entries)
+    created = [e for e in entries if e.get("event") == "created"]
+    assert created[0]["alert_id"] == "json-1" and created[0]["logger"] == "engine.alerts"
+    assert {e["level"] for e in entries} <= {"info", "warning"}

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tuanyuan/v1/alert.proto\x12\x0btuanyuan.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"<\n\x06\x43\x65ntre\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\r\n\x05label\x18\x03 \x01(\t\"-\n\x05Stage\x12\x10\n\x08radius_m\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\r\",\n\x06Stages\x12\"\n\x06stages\x18\x01 \x03(\x0b\x32\x12.tuanyuan.v1.Stage\"\x8b\x01\n\rLocalizedText\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x17\n\x0flast_seen_place\x18\x04 \x01(\t\x12\x1b\n\x13suspect_description\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontact\x18\x06 \x01(\t\"\xc4\x01\n\x0c\x41lertPayload\x12)\n\x05texts\x18\x01 \x03(\x0b\x32\x1a.tuanyuan.v1.LocalizedText\x12\x11\n\tage_years\x18\x02 \x01(\r\x12\x1d\n\x03sex\x18\x03 \x01(\x0e\x32\x10.tuanyuan.v1.Sex\x12\x11\n\theight_cm\x18\x04 \x01(\r\x12\x12\n\nphoto_urls\x18\x05 \x03(\t\x12\x30\n\x0clast_seen_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf4\x01\n\x12\x43reateAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12$\n\x07\x63\x65ntres\x18\x02 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\rschedule_name\x18\x04 \x01(\tH\x00\x12%\n\x06stages\x18\x05 \x01(\x0b\x32\x13.tuanyuan.v1.StagesH\x00\x12*\n\x07payload\x18\x06 \x01(\x0b\x32\x19.tuanyuan.v1.AlertPayloadB\n\n\x08schedule\"/\n\x07\x43\x65ntres\x12$\n\x07\x63\x65ntres\x18\x01 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\"\xc5\x01\n\x12UpdateAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12%\n\x07\x63\x65ntres\x18\x02 \x01(\x0b\x32\x14.tuanyuan.v1.Centres\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x19.tuanyuan.v1.AlertPayload\x12\x17\n\rschedule_name\x18\x04 \x01(\tH\x00\x12%\n\x06stages\x18\x05 \x01(\x0b\x32\x13.tuanyuan.v1.StagesH\x00\x42\n\n\x08schedule\"1\n\x0fLocalizedNotice\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x85\x01\n\x13ResolveAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12+\n\nresolution\x18\x02 \x01(\x0e\x32\x17.tuanyuan.v1.Resolution\x12/\n\tfollow_up\x18\x03 \x03(\x0b\x32\x1c.tuanyuan.v1.LocalizedNotice\"#\n\x0fGetAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\"?\n\x11ListAlertsRequest\x12*\n\x08statuses\x18\x01 \x03(\x0e\x32\x18.tuanyuan.v1.AlertStatus\"8\n\x12ListAlertsResponse\x12\"\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x12.tuanyuan.v1.Alert\"%\n\x11WatchAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\"\x87\x01\n\x13PreviewAlertRequest\x12$\n\x07\x63\x65ntres\x18\x01 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\x12\x17\n\rschedule_name\x18\x02 \x01(\tH\x00\x12%\n\x06stages\x18\x03 \x01(\x0b\x32\x13.tuanyuan.v1.StagesH\x00\x42\n\n\x08schedule\"3\n\x0cGatewayCount\x12\x12\n\ngateway_id\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x04\"\xb4\x01\n\x0cPreviewStage\x12\x14\n\x0cstage_number\x18\x01 \x01(\r\x12\x10\n\x08radius_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\r\x12\x16\n\x0enew_recipients\x18\x04 \x01(\x04\x12\x1d\n\x15\x63umulative_recipients\x18\x05 \x01(\x04\x12\x31\n\x0enew_by_gateway\x18\x06 \x03(\x0b\x32\x19.tuanyuan.v1.GatewayCount\"W\n\x14PreviewAlertResponse\x12)\n\x06stages\x18\x01 \x03(\x0b\x32\x19.tuanyuan.v1.PreviewStage\x12\x14\n\x0clive_devices\x18\x02 \x01(\x04\"\xaa\x01\n\x0fGatewayProgress\x12\x12\n\ngateway_id\x18\x01 \x01(\r\x12\x12\n\nrecipients\x18\x02 \x01(\x04\x12\x13\n\x0bhanded_over\x18\x03 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x04\x12\x11\n\twithdrawn\x18\x05 \x01(\x04\x12\x38\n\x14\x65xpected_handover_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\rStageProgress\x12\x14\n\x0cstage_number\x18\x01 \x01(\r\x12\x10\n\x08radius_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\r\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrecipients\x18\x05 \x01(\x04\x12\x11\n\twalked_in\x18\x06 \x01(\x04\x12.\n\x08gateways\x18\x07 \x03(\x0b\x32\x1c.tuanyuan.v1.GatewayProgress\x12\r\n\x05swept\x18\x08 \x01(\x08\"\xd4\x04\n\x05\x41lert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.tuanyuan.v1.AlertStatus\x12$\n\x07\x63\x65ntres\x18\x03 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rschedule_name\x18\x05 \x01(\t\x12*\n\x06stages\x18\x06 \x03(\x0b\x32\x1a.tuanyuan.v1.StageProgress\x12\x15\n\rcurrent_stage\x18\x07 \x01(\r\x12\x31\n\rstage_ends_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07payload\x18\t \x01(\x0b\x32\x19.tuanyuan.v1.AlertPayload\x12\x0f\n\x07version\x18\n \x01(\x04\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\nresolution\x18\x0e \x01(\x0e\x32\x17.tuanyuan.v1.Resolution\x12\x18\n\x10notified_devices\x18\x0f \x01(\x04\x12\x19\n\x11\x66ollow_up_devices\x18\x10 \x01(\x04\"\x9a\x01\n\nAlertEvent\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.tuanyuan.v1.AlertEventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstage_number\x18\x03 \x01(\r\x12!\n\x05\x61lert\x18\x04 \x01(\x0b\x32\x12.tuanyuan.v1.Alert*8\n\x03Sex\x12\x13\n\x0fSEX_UNSPECIFIED\x10\x00\x12\x0e\n\nSEX_FEMALE\x10\x01\x12\x0c\n\x08SEX_MALE\x10\x02*u\n\nResolution\x12\x1a\n\x16RESOLUTION_UNSPECIFIED\x10\x00\x12\x14\n\x10RESOLUTION_FOUND\x10\x01\x12\x18\n\x14RESOLUTION_CANCELLED\x10\x02\x12\x1b\n\x17RESOLUTION_FALSE_REPORT\x10\x03*\x95\x01\n\x0b\x41lertStatus\x12\x1c\n\x18\x41LERT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41LERT_STATUS_SCHEDULED\x10\x01\x12\x17\n\x13\x41LERT_STATUS_ACTIVE\x10\x02\x12\x18\n\x14\x41LERT_STATUS_EXPIRED\x10\x03\x12\x19\n\x15\x41LERT_STATUS_RESOLVED\x10\x04*\xef\x01\n\x0e\x41lertEventKind\x12 \n\x1c\x41LERT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41LERT_EVENT_KIND_SNAPSHOT\x10\x01\x12\"\n\x1e\x41LERT_EVENT_KIND_STAGE_STARTED\x10\x02\x12\x1d\n\x19\x41LERT_EVENT_KIND_PROGRESS\x10\x03\x12\x1c\n\x18\x41LERT_EVENT_KIND_UPDATED\x10\x04\x12\x1c\n\x18\x41LERT_EVENT_KIND_EXPIRED\x10\x05\x12\x1d\n\x19\x41LERT_EVENT_KIND_RESOLVED\x10\x06\x32\x87\x04\n\x0c\x41lertService\x12\x42\n\x0b\x43reateAlert\x12\x1f.tuanyuan.v1.CreateAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12\x42\n\x0bUpdateAlert\x12\x1f.tuanyuan.v1.UpdateAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12\x44\n\x0cResolveAlert\x12 .tuanyuan.v1.ResolveAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12<\n\x08GetAlert\x12\x1c.tuanyuan.v1.GetAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12M\n\nListAlerts\x12\x1e.tuanyuan.v1.ListAlertsRequest\x1a\x1f.tuanyuan.v1.ListAlertsResponse\x12G\n\nWatchAlert\x12\x1e.tuanyuan.v1.WatchAlertRequest\x1a\x17.tuanyuan.v1.AlertEvent0\x01\x12S\n\x0cPreviewAlert\x12 .tuanyuan.v1.PreviewAlertRequest\x1a!.tuanyuan.v1.PreviewAlertResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tuanyuan/v1/alert.proto\x12\x0btuanyuan.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"<\n\x06\x43\x65ntre\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\r\n\x05label\x18\x03 \x01(\t\"-\n\x05Stage\x12\x10\n\x08radius_m\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\r\",\n\x06Stages\x12\"\n\x06stages\x18\x01 \x03(\x0b\x32\x12.tuanyuan.v1.Stage\"\x8b\x01\n\rLocalizedText\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x17\n\x0flast_seen_place\x18\x04 \x01(\t\x12\x1b\n\x13suspect_description\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontact\x18\x06 \x01(\t\"\xc4\x01\n\x0c\x41lertPayload\x12)\n\x05texts\x18\x01 \x03(\x0b\x32\x1a.tuanyuan.v1.LocalizedText\x12\x11\n\tage_years\x18\x02 \x01(\r\x12\x1d\n\x03sex\x18\x03 \x01(\x0e\x32\x10.tuanyuan.v1.Sex\x12\x11\n\theight_cm\x18\x04 \x01(\r\x12\x12\n\nphoto_urls\x18\x05 \x03(\t\x12\x30\n\x0clast_seen_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf4\x01\n\x12\x43reateAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12$\n\x07\x63\x65ntres\x18\x02 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\rschedule_name\x18\x04 \x01(\tH\x00\x12%\n\x06stages\x18\x05 \x01(\x0b\x32\x13.tuanyuan.v1.StagesH\x00\x12*\n\x07payload\x18\x06 \x01(\x0b\x32\x19.tuanyuan.v1.AlertPayloadB\n\n\x08schedule\"/\n\x07\x43\x65ntres\x12$\n\x07\x63\x65ntres\x18\x01 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\"\xdf\x01\n\x12UpdateAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12%\n\x07\x63\x65ntres\x18\x02 \x01(\x0b\x32\x14.tuanyuan.v1.Centres\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x19.tuanyuan.v1.AlertPayload\x12\x17\n\rschedule_name\x18\x04 \x01(\tH\x00\x12%\n\x06stages\x18\x05 \x01(\x0b\x32\x13.tuanyuan.v1.StagesH\x00\x12\x18\n\x10\x65xpected_version\x18\x06 \x01(\x04\x42\n\n\x08schedule\"1\n\x0fLocalizedNotice\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x85\x01\n\x13ResolveAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12+\n\nresolution\x18\x02 \x01(\x0e\x32\x17.tuanyuan.v1.Resolution\x12/\n\tfollow_up\x18\x03 \x03(\x0b\x32\x1c.tuanyuan.v1.LocalizedNotice\"#\n\x0fGetAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\"?\n\x11ListAlertsRequest\x12*\n\x08statuses\x18\x01 \x03(\x0e\x32\x18.tuanyuan.v1.AlertStatus\"8\n\x12ListAlertsResponse\x12\"\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x12.tuanyuan.v1.Alert\"%\n\x11WatchAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\"\x87\x01\n\x13PreviewAlertRequest\x12$\n\x07\x63\x65ntres\x18\x01 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\x12\x17\n\rschedule_name\x18\x02 \x01(\tH\x00\x12%\n\x06stages\x18\x03 \x01(\x0b\x32\x13.tuanyuan.v1.StagesH\x00\x42\n\n\x08schedule\"3\n\x0cGatewayCount\x12\x12\n\ngateway_id\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\x02 \x01(\x04\"\xb4\x01\n\x0cPreviewStage\x12\x14\n\x0cstage_number\x18\x01 \x01(\r\x12\x10\n\x08radius_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\r\x12\x16\n\x0enew_recipients\x18\x04 \x01(\x04\x12\x1d\n\x15\x63umulative_recipients\x18\x05 \x01(\x04\x12\x31\n\x0enew_by_gateway\x18\x06 \x03(\x0b\x32\x19.tuanyuan.v1.GatewayCount\"W\n\x14PreviewAlertResponse\x12)\n\x06stages\x18\x01 \x03(\x0b\x32\x19.tuanyuan.v1.PreviewStage\x12\x14\n\x0clive_devices\x18\x02 \x01(\x04\"\xaa\x01\n\x0fGatewayProgress\x12\x12\n\ngateway_id\x18\x01 \x01(\r\x12\x12\n\nrecipients\x18\x02 \x01(\x04\x12\x13\n\x0bhanded_over\x18\x03 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x04\x12\x11\n\twithdrawn\x18\x05 \x01(\x04\x12\x38\n\x14\x65xpected_handover_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\rStageProgress\x12\x14\n\x0cstage_number\x18\x01 \x01(\r\x12\x10\n\x08radius_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\r\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrecipients\x18\x05 \x01(\x04\x12\x11\n\twalked_in\x18\x06 \x01(\x04\x12.\n\x08gateways\x18\x07 \x03(\x0b\x32\x1c.tuanyuan.v1.GatewayProgress\x12\r\n\x05swept\x18\x08 \x01(\x08\"\xd4\x04\n\x05\x41lert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.tuanyuan.v1.AlertStatus\x12$\n\x07\x63\x65ntres\x18\x03 \x03(\x0b\x32\x13.tuanyuan.v1.Centre\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rschedule_name\x18\x05 \x01(\t\x12*\n\x06stages\x18\x06 \x03(\x0b\x32\x1a.tuanyuan.v1.StageProgress\x12\x15\n\rcurrent_stage\x18\x07 \x01(\r\x12\x31\n\rstage_ends_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07payload\x18\t \x01(\x0b\x32\x19.tuanyuan.v1.AlertPayload\x12\x0f\n\x07version\x18\n \x01(\x04\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\nresolution\x18\x0e \x01(\x0e\x32\x17.tuanyuan.v1.Resolution\x12\x18\n\x10notified_devices\x18\x0f \x01(\x04\x12\x19\n\x11\x66ollow_up_devices\x18\x10 \x01(\x04\"\x9a\x01\n\nAlertEvent\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.tuanyuan.v1.AlertEventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstage_number\x18\x03 \x01(\r\x12!\n\x05\x61lert\x18\x04 \x01(\x0b\x32\x12.tuanyuan.v1.Alert*8\n\x03Sex\x12\x13\n\x0fSEX_UNSPECIFIED\x10\x00\x12\x0e\n\nSEX_FEMALE\x10\x01\x12\x0c\n\x08SEX_MALE\x10\x02*u\n\nResolution\x12\x1a\n\x16RESOLUTION_UNSPECIFIED\x10\x00\x12\x14\n\x10RESOLUTION_FOUND\x10\x01\x12\x18\n\x14RESOLUTION_CANCELLED\x10\x02\x12\x1b\n\x17RESOLUTION_FALSE_REPORT\x10\x03*\x95\x01\n\x0b\x41lertStatus\x12\x1c\n\x18\x41LERT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41LERT_STATUS_SCHEDULED\x10\x01\x12\x17\n\x13\x41LERT_STATUS_ACTIVE\x10\x02\x12\x18\n\x14\x41LERT_STATUS_EXPIRED\x10\x03\x12\x19\n\x15\x41LERT_STATUS_RESOLVED\x10\x04*\xef\x01\n\x0e\x41lertEventKind\x12 \n\x1c\x41LERT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41LERT_EVENT_KIND_SNAPSHOT\x10\x01\x12\"\n\x1e\x41LERT_EVENT_KIND_STAGE_STARTED\x10\x02\x12\x1d\n\x19\x41LERT_EVENT_KIND_PROGRESS\x10\x03\x12\x1c\n\x18\x41LERT_EVENT_KIND_UPDATED\x10\x04\x12\x1c\n\x18\x41LERT_EVENT_KIND_EXPIRED\x10\x05\x12\x1d\n\x19\x41LERT_EVENT_KIND_RESOLVED\x10\x06\x32\x87\x04\n\x0c\x41lertService\x12\x42\n\x0b\x43reateAlert\x12\x1f.tuanyuan.v1.CreateAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12\x42\n\x0bUpdateAlert\x12\x1f.tuanyuan.v1.UpdateAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12\x44\n\x0cResolveAlert\x12 .tuanyuan.v1.ResolveAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12<\n\x08GetAlert\x12\x1c.tuanyuan.v1.GetAlertRequest\x1a\x12.tuanyuan.v1.Alert\x12M\n\nListAlerts\x12\x1e.tuanyuan.v1.ListAlertsRequest\x1a\x1f.tuanyuan.v1.ListAlertsResponse\x12G\n\nWatchAlert\x12\x1e.tuanyuan.v1.WatchAlertRequest\x1a\x17.tuanyuan.v1.AlertEvent0\x01\x12S\n\x0cPreviewAlert\x12 .tuanyuan.v1.PreviewAlertRequest\x1a!.tuanyuan.v1.PreviewAlertResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuanyuan.v1.alert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEX']._serialized_start=3071
-  _globals['_SEX']._serialized_end=3127
-  _globals['_RESOLUTION']._serialized_start=3129
-  _globals['_RESOLUTION']._serialized_end=3246
-  _globals['_ALERTSTATUS']._serialized_start=3249
-  _globals['_ALERTSTATUS']._serialized_end=3398
-  _globals['_ALERTEVENTKIND']._serialized_start=3401
-  _globals['_ALERTEVENTKIND']._serialized_end=3640
+  _globals['_SEX']._serialized_start=3097
+  _globals['_SEX']._serialized_end=3153
+  _globals['_RESOLUTION']._serialized_start=3155
+  _globals['_RESOLUTION']._serialized_end=3272
+  _globals['_ALERTSTATUS']._serialized_start=3275
+  _globals['_ALERTSTATUS']._serialized_end=3424
+  _globals['_ALERTEVENTKIND']._serialized_start=3427
+  _globals['_ALERTEVENTKIND']._serialized_end=3666
   _globals['_CENTRE']._serialized_start=73
   _globals['_CENTRE']._serialized_end=133
   _globals['_STAGE']._serialized_start=135
@@ -55,35 +55,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CENTRES']._serialized_start=816
   _globals['_CENTRES']._serialized_end=863
   _globals['_UPDATEALERTREQUEST']._serialized_start=866
-  _globals['_UPDATEALERTREQUEST']._serialized_end=1063
-  _globals['_LOCALIZEDNOTICE']._serialized_start=1065
-  _globals['_LOCALIZEDNOTICE']._serialized_end=1114
-  _globals['_RESOLVEALERTREQUEST']._serialized_start=1117
-  _globals['_RESOLVEALERTREQUEST']._serialized_end=1250
-  _globals['_GETALERTREQUEST']._serialized_start=1252
-  _globals['_GETALERTREQUEST']._serialized_end=1287
-  _globals['_LISTALERTSREQUEST']._serialized_start=1289
-  _globals['_LISTALERTSREQUEST']._serialized_end=1352
-  _globals['_LISTALERTSRESPONSE']._serialized_start=1354
-  _globals['_LISTALERTSRESPONSE']._serialized_end=1410
-  _globals['_WATCHALERTREQUEST']._serialized_start=1412
-  _globals['_WATCHALERTREQUEST']._serialized_end=1449
-  _globals['_PREVIEWALERTREQUEST']._serialized_start=1452
-  _globals['_PREVIEWALERTREQUEST']._serialized_end=1587
-  _globals['_GATEWAYCOUNT']._serialized_start=1589
-  _globals['_GATEWAYCOUNT']._serialized_end=1640
-  _globals['_PREVIEWSTAGE']._serialized_start=1643
-  _globals['_PREVIEWSTAGE']._serialized_end=1823
-  _globals['_PREVIEWALERTRESPONSE']._serialized_start=1825
-  _globals['_PREVIEWALERTRESPONSE']._serialized_end=1912
-  _globals['_GATEWAYPROGRESS']._serialized_start=1915
-  _globals['_GATEWAYPROGRESS']._serialized_end=2085
-  _globals['_STAGEPROGRESS']._serialized_start=2088
-  _globals['_STAGEPROGRESS']._serialized_end=2313
-  _globals['_ALERT']._serialized_start=2316
-  _globals['_ALERT']._serialized_end=2912
-  _globals['_ALERTEVENT']._serialized_start=2915
-  _globals['_ALERTEVENT']._serialized_end=3069
-  _globals['_ALERTSERVICE']._serialized_start=3643
-  _globals['_ALERTSERVICE']._serialized_end=4162
+  _globals['_UPDATEALERTREQUEST']._serialized_end=1089
+  _globals['_LOCALIZEDNOTICE']._serialized_start=1091
+  _globals['_LOCALIZEDNOTICE']._serialized_end=1140
+  _globals['_RESOLVEALERTREQUEST']._serialized_start=1143
+  _globals['_RESOLVEALERTREQUEST']._serialized_end=1276
+  _globals['_GETALERTREQUEST']._serialized_start=1278
+  _globals['_GETALERTREQUEST']._serialized_end=1313
+  _globals['_LISTALERTSREQUEST']._serialized_start=1315
+  _globals['_LISTALERTSREQUEST']._serialized_end=1378
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1380
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1436
+  _globals['_WATCHALERTREQUEST']._serialized_start=1438
+  _globals['_WATCHALERTREQUEST']._serialized_end=1475
+  _globals['_PREVIEWALERTREQUEST']._serialized_start=1478
+  _globals['_PREVIEWALERTREQUEST']._serialized_end=1613
+  _globals['_GATEWAYCOUNT']._serialized_start=1615
+  _globals['_GATEWAYCOUNT']._serialized_end=1666
+  _globals['_PREVIEWSTAGE']._serialized_start=1669
+  _globals['_PREVIEWSTAGE']._serialized_end=1849
+  _globals['_PREVIEWALERTRESPONSE']._serialized_start=1851
+  _globals['_PREVIEWALERTRESPONSE']._serialized_end=1938
+  _globals['_GATEWAYPROGRESS']._serialized_start=1941
+  _globals['_GATEWAYPROGRESS']._serialized_end=2111
+  _globals['_STAGEPROGRESS']._serialized_start=2114
+  _globals['_STAGEPROGRESS']._serialized_end=2339
+  _globals['_ALERT']._serialized_start=2342
+  _globals['_ALERT']._serialized_end=2938
+  _globals['_ALERTEVENT']._serialized_start=2941
+  _globals['_ALERTEVENT']._serialized_end=3095
+  _globals['_ALERTSERVICE']._serialized_start=3669
+  _globals['_ALERTSERVICE']._serialized_end=4188
 # @@protoc_insertion_point(module_scope)

@@ -139,18 +139,20 @@ class Centres(_message.Message):
     def __init__(self, centres: _Optional[_Iterable[_Union[Centre, _Mapping]]] = ...) -> None: ...
 
 class UpdateAlertRequest(_message.Message):
-    __slots__ = ("alert_id", "centres", "payload", "schedule_name", "stages")
+    __slots__ = ("alert_id", "centres", "payload", "schedule_name", "stages", "expected_version")
     ALERT_ID_FIELD_NUMBER: _ClassVar[int]
     CENTRES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_NAME_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     alert_id: str
     centres: Centres
     payload: AlertPayload
     schedule_name: str
     stages: Stages
-    def __init__(self, alert_id: _Optional[str] = ..., centres: _Optional[_Union[Centres, _Mapping]] = ..., payload: _Optional[_Union[AlertPayload, _Mapping]] = ..., schedule_name: _Optional[str] = ..., stages: _Optional[_Union[Stages, _Mapping]] = ...) -> None: ...
+    expected_version: int
+    def __init__(self, alert_id: _Optional[str] = ..., centres: _Optional[_Union[Centres, _Mapping]] = ..., payload: _Optional[_Union[AlertPayload, _Mapping]] = ..., schedule_name: _Optional[str] = ..., stages: _Optional[_Union[Stages, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class LocalizedNotice(_message.Message):
     __slots__ = ("language", "text")

@@ -91,7 +91,8 @@ class AlertServiceServicer:
         """Changes a running or scheduled alert: a new sighting (centres), a corrected
         payload, a changed schedule. Rings continue from the stage the alert is in, around
         the new centres; no device is ever notified twice for one alert. A resolved or
-        expired alert fails with FAILED_PRECONDITION.
+        expired alert fails with FAILED_PRECONDITION; with expected_version, an alert
+        changed since it was read fails with ABORTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
