@@ -234,17 +234,18 @@ def test_a_bad_update_names_the_field(engine, case):
 
 def test_an_update_built_from_an_older_version_is_aborted(engine):
     read = engine.get("open")
-    stale = _update(payload=payload(age_years=7), expected_version=read.version - 1)
+    first = _update(payload=payload(age_years=7), expected_version=read.version)
+    assert engine.alerts.UpdateAlert(first).version == read.version + 1
+    # A second change built from the same read: the alert moved on meanwhile.
+    second = _update(payload=payload(age_years=8), expected_version=read.version)
     unchanged(
         engine,
-        lambda: engine.alerts.UpdateAlert(stale),
+        lambda: engine.alerts.UpdateAlert(second),
         grpc.StatusCode.ABORTED,
-        f"version {read.version}",
-        f"expected_version {read.version - 1}",
+        f"version {read.version + 1}",
+        f"expected_version {read.version}",
     )
-    current = _update(payload=payload(age_years=read.payload.age_years), expected_version=0)
-    current.expected_version = read.version
-    assert engine.alerts.UpdateAlert(current).version == read.version + 1
+    assert engine.get("open").payload.age_years == 7
 
 
 def _resolve(alert_id="open", resolution=alert_pb2.RESOLUTION_FOUND, follow_up=()):
