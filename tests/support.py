@@ -8,9 +8,11 @@ rings empty, and an empty answer agrees with any oracle.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 from oracle import EARTH_RADIUS_M, HALF_CIRCUMFERENCE_M, Key, haversine_m
 
@@ -214,3 +216,38 @@ def answer(
     # `within` drops the gateway: the same multiset of ids, duplicates included.
     assert sorted(plain.tolist()) == sorted(ids.tolist())
     return list(zip(gateways.tolist(), ids.tolist(), strict=True))
+
+
+# The command line, run in this process.
+
+
+def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
+    """``tuanyuan ARGV...`` in this process: (status, stdout, stderr). A string argument
+    is split like a shell line; other values (paths) are passed as one word."""
+    from engine import cli
+
+    words: list[str] = []
+    for arg in argv:
+        words.extend(shlex.split(arg) if isinstance(arg, str) else [str(arg)])
+    status = cli.main(words)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_line_error(err: str) -> str:
+    """The message of a refused command: exactly one ``tuanyuan:`` line on stderr, and no
+    traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tuanyuan: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def help_text(capsys, *command: str) -> str:
+    """``tuanyuan COMMAND --help``, its whitespace folded to single spaces."""
+    from engine import cli
+
+    with pytest.raises(SystemExit):  # argparse exits after the help
+        cli.main([*command, "--help"])
+    return " ".join(capsys.readouterr().out.split())

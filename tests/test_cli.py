@@ -8,12 +8,13 @@ file; ``serve --dev`` runs as a child process, as operators run it.
 
 from __future__ import annotations
 
-import shlex
 import signal
 
 import numpy as np
 import pytest
 from grpc_support import START, payload, stages
+from support import help_text, one_line_error
+from support import run_cli as run
 
 from engine import auth, cli, client, populations_io, server
 from engine.api import alert_pb2
@@ -21,26 +22,6 @@ from engine.clock import ManualClock
 from engine.server import ServerOptions, ServerThread
 
 SYDNEY = (-33.87, 151.21)
-
-
-def run(capsys, *argv: object) -> tuple[int, str, str]:
-    """``tuanyuan ARGV...`` in this process: (status, stdout, stderr). A string argument
-    is split like a shell line; other values are passed as one word."""
-    words: list[str] = []
-    for arg in argv:
-        words.extend(shlex.split(arg) if isinstance(arg, str) else [str(arg)])
-    status = cli.main(words)
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line_error(err: str) -> str:
-    """The message of a refused command: exactly one ``tuanyuan:`` line on stderr."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tuanyuan: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 class Issuer:
@@ -171,9 +152,7 @@ def test_create_with_a_payload_file_and_text_flags_changes_the_file_s_text(
 
 
 def test_update_help_says_what_is_kept_and_what_is_replaced(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["alert", "update", "--help"])
-    out = " ".join(capsys.readouterr().out.split())
+    out = help_text(capsys, "alert", "update")
     assert "replaces the whole payload" in out
     assert "kept" in out
 
@@ -342,8 +321,6 @@ def test_a_short_row_far_into_a_large_csv_is_named(tmp_path):
 
 
 def test_start_help_says_what_a_relative_start_counts_from(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["alert", "create", "--help"])
-    out = " ".join(capsys.readouterr().out.split())
+    out = help_text(capsys, "alert", "create")
     assert "+SECONDS counts from this machine's clock" in out
     assert "--clock-speed" in out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import subprocess
 import sys
 
@@ -20,9 +19,10 @@ import pytest
 from hypothesis import given, note
 from hypothesis import strategies as st
 from oracle import haversine_m
-from support import destination, places, populations
+from support import destination, one_line_error, places, populations
+from support import run_cli as run
 
-from engine import cli, population, populations_io, tuning
+from engine import population, populations_io, tuning
 from engine.schedules import MAX_RADIUS_M, SHIPPED, Schedule, Stage
 
 LOCAL = SHIPPED["local"]
@@ -37,21 +37,6 @@ def oracle_counts(people: dict, lat: float, lng: float, radii) -> dict[int, list
         int(g): [int((d[people["gateway"] == g] <= r).sum()) for r in radii]
         for g in np.unique(people["gateway"])
     }
-
-
-def run(capsys, command: str, *more: object) -> tuple[int, str, str]:
-    """Runs ``tuanyuan COMMAND MORE...`` in this process: (status, stdout, stderr)."""
-    status = cli.main([*shlex.split(command), *map(str, more)])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line_error(err: str) -> str:
-    """The message of a failed command: exactly one ``tuanyuan:`` line on stderr."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tuanyuan: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
