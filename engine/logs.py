@@ -47,9 +47,11 @@ def _plain(value: object) -> object:
 
 
 def configure(level: str = "info", form: str = "text") -> None:
-    """Sends the engine's logs to standard error at ``level``, as ``form`` (text, json)."""
+    """Sends the engine's logs to standard error at ``level``, as ``form`` (text, json).
+    Like :func:`logging.basicConfig`, it does nothing when the root logger has handlers
+    already (a program embedding the engine, or a test runner, keeps its own)."""
     if form not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {form!r}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if form == "json" else logging.Formatter(_TEXT))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
