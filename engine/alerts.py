@@ -227,7 +227,7 @@ class Dispatcher:
         #: Serialises opt-outs: each holds the messages it changes until it is durable.
         self._forgetting = asyncio.Lock()
         #: Opt-outs not yet durable, by gateway: their ids and their write's future.
-        self._forgets: dict[int, list[tuple[np.ndarray, asyncio.Future]]] = {}
+        self._forgets: dict[int, list[list]] = {}
 
     # Outboxes.
 
@@ -283,7 +283,7 @@ class Dispatcher:
         entry.gateway = gateway
         entry.header.queued_at.CopyFrom(timestamp(self.clock.now()))
         box = self.outbox(gateway)
-        entry.stream_id = f"{box.next_queue_id}-0"
+        entry.queue_number = box.next_queue_id
         box.next_queue_id += 1
         entry.durable = False
         box.put(entry)
@@ -1190,15 +1190,12 @@ class Dispatcher:
                     alert.stages[entry.stage - 1].tally(box.gateway_id).withdrawn += found.size
             box.has_forgotten = True
             box.wakeup.set()
-            if record:
-                pending.remove(record[0])
+            pending[:] = [p for p in pending if p is not mine]
 
-        record: list[tuple[np.ndarray, asyncio.Future]] = []
-        future = self.journal.write(change.op(drop))
-        if not future.done():  # with Redis: durable later
-            record.append((listed, future))
-            pending.append(record[0])
-        return future
+        mine = [listed, None]  # [ids, the write's future] until the write is durable
+        pending.append(mine)
+        mine[1] = self.journal.write(change.op(drop))
+        return mine[1]
 
 
 _HELD_BACK = (

@@ -62,16 +62,16 @@ class Entry:
     sent_at: float = 0.0
     #: Sendable: written to the journal (always, without Redis).
     durable: bool = True
-    #: Its id in the gateway's Redis stream, ``N-0`` with N the queue number.
-    stream_id: str = ""
+    #: The gateway's number of this message in its queue (from 1), given when it is
+    #: queued; unlike the sequence number it never changes.
+    queue_number: int = 0
     #: May have been handed over before a restart: it counts as sent.
     handed: bool = False
 
     @property
-    def queue_number(self) -> int:
-        """The gateway's number of this message in its queue (from 1), given when it is
-        queued; unlike the sequence number it never changes."""
-        return int(self.stream_id.split("-", 1)[0])
+    def stream_id(self) -> str:
+        """Its id in the gateway's Redis stream."""
+        return f"{self.queue_number}-0"
 
     @property
     def devices(self) -> int:

@@ -142,6 +142,6 @@ def restore_entry(gateway: int, stream_id: bytes, fields: dict) -> Entry:
         ids=ids_from_bytes(data) if data else None,
         gateway=gateway,
     )
-    entry.stream_id = stream_id.decode()
+    entry.queue_number = int(stream_id.split(b"-", 1)[0])
     entry.durable = True
     return entry

@@ -266,7 +266,7 @@ class EngineServer:
             seal=audit.seal,
             audit_sink=self.audit_file.write_sealed if self.audit_file else None,
             on_availability=self._store_availability,
-            on_taken=self._prefix_taken,
+            on_taken=lambda reason: self.stop_requested.set(),
         )
         if self.audit_file is not None:
             self.journal.audit_seq = self.audit_file.chain.seq
@@ -291,8 +291,9 @@ class EngineServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self._stop = asyncio.Event()
-        #: Set when another engine took the Redis prefix: this one must stop.
-        self.prefix_lost = asyncio.Event()
+        #: Set to ask :func:`serve` to stop: a signal, or another engine took the Redis
+        #: prefix (then ``journal.taken`` says so).
+        self.stop_requested = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._health = health.aio.HealthServicer()
 
@@ -304,9 +305,6 @@ class EngineServer:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         asyncio.get_running_loop().create_task(self._health.set(SERVICES[0], status))
-
-    def _prefix_taken(self, reason: str) -> None:
-        self.prefix_lost.set()
 
     async def start(self) -> int:
         """Loads the snapshot and the durable state, binds and starts serving; returns
@@ -990,14 +988,10 @@ async def serve(options: ServerOptions, port_file: Path | None = None) -> None:
         partial = port_file.with_name(port_file.name + ".tmp")
         partial.write_text(f"{port}\n")
         os.replace(partial, port_file)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    waits = [loop.create_task(stop.wait()), loop.create_task(engine.prefix_lost.wait())]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for task in waits:
-        task.cancel()
+        loop.add_signal_handler(signum, engine.stop_requested.set)
+    await engine.stop_requested.wait()
     _LOG.info("shutting down: finishing running calls for up to 5 s")
     await engine.stop(5.0)
     if engine.journal.taken is not None:

@@ -301,7 +301,7 @@ def numbered(box: Outbox, count: int, first: int = 1) -> list[Entry]:
     entries = []
     for number in range(first, first + count):
         item = entry()
-        item.stream_id = f"{number}-0"
+        item.queue_number = number
         box.put(item)
         entries.append(item)
     return entries
